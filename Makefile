@@ -1,0 +1,24 @@
+# ds_orthoadam — set-up, tests, demo, training and analysis entry points.
+# GPU users: install your CUDA torch into the venv first (or set TORCH_SPEC), then `make setup`.
+
+SHELL        := /bin/bash
+PYTHON       ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+TORCH_SPEC   ?= torch==2.13.0
+OFFLINE_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup test
+
+## setup: create .venv with torch ($(TORCH_SPEC)) and this package in editable mode (idempotent)
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+## test: set up, then run the whole test suite offline on the CPU
+test: setup
+	$(OFFLINE_ENV) $(PY) -m pytest -q tests

@@ -1,0 +1,6 @@
+"""ds_orthoadam: DeepSpeed pre-training of GPT2/Llama models free of attention sinks and outlier activations.
+
+Importing the package registers the ``softmax1`` attention implementation with transformers, so that
+``attn_implementation="softmax1"`` works for models built here and for saved softmax-1 models reloaded with
+``AutoModelForCausalLM.from_pretrained``.
+"""

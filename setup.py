@@ -1,0 +1,32 @@
+"""ds_orthoadam: DeepSpeed pre-training of GPT2/Llama models with softmax-1 attention and the OrthoAdam optimiser.
+
+Runtime dependencies are pinned to versions known to work together (see README, "Install").
+torch is required as ``torch>=2.13`` on purpose: GPU users install their CUDA build first, and this
+requirement is then already satisfied; the Makefile installs the CPU build for CI and demos.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_orthoadam",
+    version="0.1.0",
+    description="Pre-train GPT2/Llama models without attention sinks or outlier activations "
+    "(softmax-1 + OrthoAdam) with DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ds_orthoadam", "ds_orthoadam.*"]),
+    install_requires=[
+        "torch>=2.13",
+        "deepspeed==0.19.8",
+        "transformers==5.24.0",
+        "datasets==5.2.0",
+        "sentencepiece==0.2.3",
+        "tensorboard==2.21.0",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={"dev": ["pytest>=8", "scipy>=1.11"]},
+    entry_points={"console_scripts": []},
+)
