@@ -4,3 +4,4 @@ Importing the package registers the ``softmax1`` attention implementation with t
 ``attn_implementation="softmax1"`` works for models built here and for saved softmax-1 models reloaded with
 ``AutoModelForCausalLM.from_pretrained``.
 """
+from ds_orthoadam.orthoadam import OrthoAdam  # noqa: F401  (issue 3)
