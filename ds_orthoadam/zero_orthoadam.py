@@ -41,7 +41,6 @@ from typing import Any, Iterable
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import safe_get_full_fp32_param
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from ds_orthoadam import ds_internals
@@ -257,12 +256,6 @@ class OrthoAdamEngineHooks:
             ds_internals.copy_module_params_into_master(self.engine)
             self.frame.unrotate_params_()
 
-    @torch.no_grad()
-    def _set_module_from_master(self) -> None:
-        """Module := Q^T (fp32 master), assembled with DeepSpeed's public (collective) accessor."""
-        for name, param in self.frame.params.items():
-            param.copy_(self.frame.rotations[name].unrotate(safe_get_full_fp32_param(param).float()))
-
     def step(self, original_step, *args, **kwargs):
         if not self.engine.is_gradient_accumulation_boundary():
             return original_step(*args, **kwargs)
@@ -289,8 +282,8 @@ class OrthoAdamEngineHooks:
         module_only = kwargs.get("load_module_only", False) or not kwargs.get("load_optimizer_states", True)
         if module_only:
             self._set_master_from_module()  # DeepSpeed refreshed the master from the (real-frame) module
-        elif self.master_copy:
-            self._set_module_from_master()
+        elif ds_internals.module_holds_master_after_full_load(self.engine):
+            self.frame.unrotate_params_()  # exactly what follows a step: the resumed run stays bit-identical
         return load_path, client_state
 
 
