@@ -279,11 +279,10 @@ class OrthoAdamEngineHooks:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was trained with OrthoAdam rotations {saved} but this engine uses "
                 f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim to the saved values")
-        module_only = kwargs.get("load_module_only", False) or not kwargs.get("load_optimizer_states", True)
-        if module_only:
-            self._set_master_from_module()  # DeepSpeed refreshed the master from the (real-frame) module
-        elif ds_internals.module_holds_master_after_full_load(self.engine):
-            self.frame.unrotate_params_()  # exactly what follows a step: the resumed run stays bit-identical
+        # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
+        # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
+        if kwargs.get("load_module_only", False) or not kwargs.get("load_optimizer_states", True):
+            self._set_master_from_module()
         return load_path, client_state
 
 

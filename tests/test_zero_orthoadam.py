@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError, export_fp32_state_dict, resolve_config
-from zero_harness import ds_config, max_abs_diff, reference_run
+from zero_harness import ds_config, max_abs_diff, reference_run, relative_update_error, tiny_model
 
 TESTS_DIR = Path(__file__).resolve().parent
 FP32_TOL = 1e-5
-# bf16 forward/backward perturbs every gradient by ~1e-2 relative; the AdamW control moves ~5x further (checked).
-BF16_TOL = 4e-3
+# Relative update error (see zero_harness.relative_update_error). Measured: bf16 OrthoAdam 0.04 (bf16 weights and
+# gradients), the AdamW control 0.50, fp32 OrthoAdam 1.6e-5.
+BF16_REL_TOL = 0.1
 TRAIN_CASES = [
     "llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam",
     "llama:1:fp32:AdamW", "gpt2:1:fp32:AdamW",
@@ -84,8 +85,9 @@ def test_adamw_negative_control_differs_far_more(runs, references, family):
 @pytest.mark.parametrize("case", ["llama:1:bf16:OrthoAdam", "llama:0:bf16:OrthoAdam"])
 def test_bf16_within_bf16_tolerance_and_control_outside(runs, references, case):
     reference, _ = references["llama"]
-    assert max_abs_diff(runs[case]["final"], reference) <= BF16_TOL
-    assert max_abs_diff(runs["llama:1:bf16:AdamW"]["final"], reference) > 2 * BF16_TOL
+    initial = tiny_model("llama").state_dict()
+    assert relative_update_error(runs[case]["final"], reference, initial) <= BF16_REL_TOL
+    assert relative_update_error(runs["llama:1:bf16:AdamW"]["final"], reference, initial) > 3 * BF16_REL_TOL
 
 
 def test_zero1_shards_moments_and_reports_rotation_memory(runs):
@@ -114,6 +116,8 @@ def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs):
 def test_resume_in_new_process_is_bit_identical(runs):
     resumed, uninterrupted = runs["llama:1:fp32:OrthoAdam:resume10"], runs["llama:1:fp32:OrthoAdam:save10"]
     assert resumed["client_state"]["next_step"] == 10
+    saved = uninterrupted["weights_at_save"]
+    assert all(torch.equal(resumed["weights_after_load"][k], saved[k]) for k in saved)
     assert all(torch.equal(resumed["final"][k], uninterrupted["final"][k]) for k in uninterrupted["final"])
 
 
