@@ -21,14 +21,15 @@ from zero_harness import ds_config, max_abs_diff, reference_run, relative_update
 
 TESTS_DIR = Path(__file__).resolve().parent
 FP32_TOL = 1e-5
-# Relative update error (see zero_harness.relative_update_error). Measured: bf16 OrthoAdam 0.04 (bf16 weights and
-# gradients), the AdamW control 0.50, fp32 OrthoAdam 1.6e-5.
-BF16_REL_TOL = 0.1
+# bf16 is judged by the relative update error (zero_harness.relative_update_error) against DeepSpeed's own bf16
+# error: plain DeepSpeed AdamW in the same bf16 config vs its fp32 run. Measured: stage 1 OrthoAdam 0.040 vs AdamW
+# 0.030; stage 0 (bf16 gradient accumulation) 0.122 vs 0.119; the AdamW control vs OrthoAdam ~0.5; fp32 1.6e-5.
+BF16_ERROR_FACTOR = 2.0
 TRAIN_CASES = [
     "llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam",
     "llama:1:fp32:AdamW", "gpt2:1:fp32:AdamW",
     "llama:0:fp32:OrthoAdam", "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam",
-    "llama:1:bf16:OrthoAdam", "llama:1:bf16:AdamW", "llama:0:bf16:OrthoAdam",
+    "llama:1:bf16:OrthoAdam", "llama:1:bf16:AdamW", "llama:0:bf16:OrthoAdam", "llama:0:bf16:AdamW",
     "llama:1:fp32:OrthoAdam:overflow7",
 ]
 RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10"]
@@ -82,12 +83,15 @@ def test_adamw_negative_control_differs_far_more(runs, references, family):
     assert max_abs_diff(runs[f"{family}:1:fp32:AdamW"]["final"], reference) > 100 * FP32_TOL
 
 
-@pytest.mark.parametrize("case", ["llama:1:bf16:OrthoAdam", "llama:0:bf16:OrthoAdam"])
-def test_bf16_within_bf16_tolerance_and_control_outside(runs, references, case):
+@pytest.mark.parametrize("stage", [1, 0])
+def test_bf16_error_is_deepspeeds_own_and_control_differs(runs, references, stage):
     reference, _ = references["llama"]
     initial = tiny_model("llama").state_dict()
-    assert relative_update_error(runs[case]["final"], reference, initial) <= BF16_REL_TOL
-    assert relative_update_error(runs["llama:1:bf16:AdamW"]["final"], reference, initial) > 3 * BF16_REL_TOL
+    adamw_bf16 = runs[f"llama:{stage}:bf16:AdamW"]["final"]
+    deepspeed_bf16_error = relative_update_error(adamw_bf16, runs["llama:1:fp32:AdamW"]["final"], initial)
+    orthoadam_error = relative_update_error(runs[f"llama:{stage}:bf16:OrthoAdam"]["final"], reference, initial)
+    assert orthoadam_error <= BF16_ERROR_FACTOR * deepspeed_bf16_error
+    assert relative_update_error(adamw_bf16, reference, initial) > 2 * orthoadam_error
 
 
 def test_zero1_shards_moments_and_reports_rotation_memory(runs):
