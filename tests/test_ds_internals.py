@@ -6,16 +6,13 @@ AdamW, no ds_orthoadam wrapping), so each check isolates one fact.
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import deepspeed
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from ds_orthoadam import ds_internals
-from zero_harness import loss_of, micro_batch, tiny_model
+from zero_harness import init_single_rank_process_group, loss_of, micro_batch, tiny_model
 
 
 def _config(stage: int, bf16: bool = False) -> dict:
@@ -26,15 +23,7 @@ def _config(stage: int, bf16: bool = False) -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def single_rank_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ds_internals.skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
+    init_single_rank_process_group()
 
 
 def _engine(stage: int, bf16: bool = False):

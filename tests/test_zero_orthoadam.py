@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError, export_fp32_state_dict, resolve_config
-from zero_harness import ds_config, max_abs_diff, reference_run, relative_update_error, tiny_model
+import ds_orthoadam
+from ds_orthoadam.zero_orthoadam import (DeepSpeedConfigError, RotationMismatchError, export_fp32_state_dict,
+                                         resolve_config)
+from zero_harness import (ds_config, init_single_rank_process_group, loss_of, max_abs_diff, micro_batch, reference_run,
+                          relative_update_error, tiny_model)
+from deepspeed.utils import safe_get_full_fp32_param
 
 TESTS_DIR = Path(__file__).resolve().parent
 FP32_TOL = 1e-5
@@ -167,3 +171,39 @@ def test_orthoadam_translates_to_deepspeed_adamw_and_other_names_pass_through():
 def test_config_errors_name_the_field(config, field):
     with pytest.raises(DeepSpeedConfigError, match=field.replace(".", r"\.")):
         resolve_config(config)
+
+
+# ------------------------------------------------------------------- checkpoint guards (one rank, in process)
+
+
+def _one_rank_engine(config: dict):
+    init_single_rank_process_group()
+    model = tiny_model("llama")
+    config = {**config, "gradient_accumulation_steps": 1}
+    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine.backward(loss_of(engine, micro_batch(0, 0, 0)))
+    engine.step()
+    return engine
+
+
+def test_loading_with_other_rotations_or_a_plain_checkpoint_fails_clearly(tmp_path):
+    _one_rank_engine(ds_config(stage=1)).save_checkpoint(str(tmp_path / "ortho"), tag="t")
+    other_seed = ds_config(stage=1)
+    other_seed["optimizer"]["params"]["seed"] += 1
+    with pytest.raises(RotationMismatchError, match="seed"):
+        _one_rank_engine(other_seed).load_checkpoint(str(tmp_path / "ortho"), tag="t")
+    plain = _one_rank_engine(ds_config(stage=1, optimizer="AdamW"))
+    plain.save_checkpoint(str(tmp_path / "plain"), tag="t")
+    with pytest.raises(RotationMismatchError, match="load_module_only=True"):
+        _one_rank_engine(ds_config(stage=1)).load_checkpoint(str(tmp_path / "plain"), tag="t")
+
+
+def test_module_only_load_starts_orthoadam_from_real_weights(tmp_path):
+    plain = _one_rank_engine(ds_config(stage=1, optimizer="AdamW"))
+    plain.save_checkpoint(str(tmp_path), tag="t")
+    engine = _one_rank_engine(ds_config(stage=1))
+    engine.load_checkpoint(str(tmp_path), tag="t", load_module_only=True)
+    for (name, param), (_, saved) in zip(engine.module.named_parameters(), plain.module.named_parameters()):
+        assert torch.equal(param, saved), name
+        rotation = engine.orthoadam_frame.rotations[name]
+        assert torch.allclose(safe_get_full_fp32_param(param), rotation.rotate(saved.detach()), atol=1e-6), name

@@ -6,9 +6,14 @@ DeepSpeed averages (mean over micro-batches and ranks of each micro-batch's mean
 """
 from __future__ import annotations
 
+import os
+import socket
+
+import deepspeed
 import torch
 
 import ds_orthoadam
+from ds_orthoadam import ds_internals
 from ds_orthoadam.orthoadam import OrthoAdam
 
 WORLD_SIZE = 2
@@ -103,3 +108,16 @@ def relative_update_error(final: dict, reference: dict, initial: dict) -> float:
         return torch.cat([state_dict[k].float().flatten() for k in sorted(state_dict)])
 
     return ((flat(final) - flat(reference)).norm() / (flat(reference) - flat(initial)).norm()).item()
+
+
+def init_single_rank_process_group() -> None:
+    """A one-rank gloo process group in this process (idempotent), for in-process DeepSpeed engines."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ds_internals.skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="gloo")
