@@ -1,23 +1,29 @@
 """Fixed random orthogonal transforms ("rotations") for OrthoAdam, one per parameter.
 
 OrthoAdam runs Adam in a rotated frame phi = Q theta. A dense Q on a flattened weight is impossible (a 512x512
-weight would need a 262144x262144 matrix), so Q is a Kronecker product of one orthogonal matrix per axis:
+weight would need a 262144x262144 matrix), so Q is a Kronecker product of one orthogonal transform per axis:
 
-* the parameter is viewed as a matrix ``(shape[0], prod(shape[1:]))`` (trailing dims flattened, the convention of
-  ``nn.Linear``/``nn.Conv*`` where dim 0 is the output) or as a vector when 1-D; 0-D parameters and axes of length 1
+* the parameter is viewed as a matrix ``(shape[0], prod(shape[1:]))`` (trailing dims flattened: dim 0 is the output
+  of ``nn.Linear``/``nn.Conv*``/``nn.Embedding`` rows) or as a vector when 1-D; 0-D parameters and axes of length 1
   are left unrotated (a 1x1 orthogonal matrix is +-1, a signed permutation, to which Adam is equivariant);
 * a matrix G is rotated as ``Q_out @ G @ Q_in^T`` (every coordinate mixes with every other), a vector as ``Q g``.
 
-Axis kinds:
+Axis transforms:
 
-* ``"dense"``: a Haar-random orthogonal matrix (QR of a Gaussian with the sign fix), n*n memory, n^2 cost per
-  column. Axes longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the embeddings) use the
-  ``"hadamard"`` axis transform instead.
-* ``"hadamard"``: a randomised Walsh-Hadamard transform ``H D`` (D = random signs), O(n log n) cost, O(n) memory.
-  For a length n that is not a power of two, w = 2^floor(log2 n) > n/2 and three signed Hadamard transforms are
-  applied to the overlapping windows ``[0, w)``, ``[n-w, n)``, ``[0, w)``: each is orthogonal on its window and
-  the identity elsewhere, and because the windows overlap, after the three passes every output coordinate
-  depends on every input coordinate (a block-diagonal scheme would leave coordinates of different blocks unmixed).
+* ``"dense"``: a Haar-random orthogonal matrix (QR of a Gaussian with the sign fix); n^2 memory and n^2 work per
+  column. Under ``kind="dense"``, axes longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the
+  embeddings) use the ``"hadamard"`` axis transform instead.
+* ``"hadamard"``: a randomised Hadamard transform ``Q = (H_{2^a} (x) O_m) D`` for ``n = 2^a m`` with m odd: D are
+  random signs, H_{2^a} the orthonormal Walsh-Hadamard matrix (Sylvester order) and O_m a Kronecker product of small
+  Haar-random blocks (each at most 256) for the odd part (e.g. 32000 = 2^8 * 125, 1376 = 2^5 * 43). Every output
+  coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n) memory.
+  Lengths whose odd part has a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
+  with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
+  permutation of the axis, on ``[0, w)`` again (each pass orthogonal; overlap + permutation make it mix fully).
+
+All Kronecker factors of a parameter are applied with one GEMM each by cycling through the "digits" of the
+flattened index: ``x <- F @ x.view(-1, f).T`` transforms the last digit with F and moves it to the front, so after
+all factors the original order is restored (no transposes or window copies needed).
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
 ``(seed, key, shape, kind, max_dense_dim)``. Random numbers come from a CPU ``torch.Generator`` (float64) seeded
@@ -30,22 +36,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 
 ROTATION_KINDS = ("dense", "hadamard")
 DEFAULT_MAX_DENSE_DIM = 4096
-# Hadamard transforms of length 2^k are applied as a Kronecker product of small dense Hadamard blocks (one GEMM
-# per block), which is much faster than log2(n) butterfly passes in eager PyTorch; cost stays O(n log n).
-_HADAMARD_BLOCK_LOG2 = 5
+# Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
+# on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
+HADAMARD_BLOCK_LOG2 = 4
+# Largest dense Haar block used for the odd part of a Hadamard axis length.
+MAX_ODD_BLOCK = 256
 
 
 class RotationKindError(ValueError):
     """An unknown rotation kind was requested."""
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in ROTATION_KINDS:
         raise RotationKindError(
             f"unknown rotation kind {kind!r}: choose one of {', '.join(ROTATION_KINDS)} "
@@ -53,187 +62,223 @@ def _check_kind(kind: str) -> None:
         )
 
 
-def _generator(seed: int, key: str, shape: Sequence[int], axis: int, axis_kind: str) -> torch.Generator:
+def axis_kind(kind: str, size: int, max_dense_dim: int) -> str:
+    """The transform used along an axis of ``size``: dense only for the dense kind and short enough axes."""
+    return "dense" if kind == "dense" and size <= max_dense_dim else "hadamard"
+
+
+def _generator(seed: int, key: str, shape: Sequence[int], axis: int, transform: str) -> torch.Generator:
     """A CPU generator whose seed is a stable hash of everything that identifies one axis transform."""
-    text = f"ds_orthoadam|seed={seed}|key={key}|shape={tuple(shape)}|axis={axis}|kind={axis_kind}"
+    text = f"ds_orthoadam|seed={seed}|key={key}|shape={tuple(shape)}|axis={axis}|kind={transform}"
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return generator
 
 
-def axis_kind(kind: str, size: int, max_dense_dim: int) -> str:
-    """The transform used along an axis of ``size``: dense only for the dense kind and short enough axes."""
-    return "dense" if kind == "dense" and size <= max_dense_dim else "hadamard"
-
-
-def _random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).to(torch.float64).mul_(2).sub_(1)
-
-
 def haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-distributed n x n orthogonal matrix (float64): QR of a Gaussian, columns sign-fixed by diag(R)."""
-    gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def _apply_matrix(matrix: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` along the middle axis of ``x3`` (shape ``(P, n, R)``), using one GEMM where possible."""
-    before, n, after = x3.shape
-    if before == 1:
-        return (matrix @ x3.reshape(n, after)).view(1, n, after)
-    if after == 1:
-        return (x3.reshape(before, n) @ matrix.T).view(before, n, 1)
-    return torch.matmul(matrix, x3)
+def _random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64).mul_(2).sub_(1)
 
 
-_SYLVESTER_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+def normalised_hadamard(size: int) -> torch.Tensor:
+    """The symmetric orthonormal Sylvester-Hadamard matrix of a power-of-two ``size`` (float64)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(size)
 
 
-def _normalised_hadamard(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The symmetric orthonormal Sylvester-Hadamard matrix of a power-of-two ``size`` (cached; shared by all)."""
-    cache_key = (size, device, dtype)
-    if cache_key not in _SYLVESTER_CACHE:
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < size:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _SYLVESTER_CACHE[cache_key] = (h / math.sqrt(size)).to(device=device, dtype=dtype)
-    return _SYLVESTER_CACHE[cache_key]
+def _hadamard_block_sizes(power_of_two: int) -> list[int]:
+    """Split 2^a into as few, as equal as possible power-of-two Kronecker factors of at most 2^HADAMARD_BLOCK_LOG2."""
+    log2_n = power_of_two.bit_length() - 1
+    count = math.ceil(log2_n / HADAMARD_BLOCK_LOG2)
+    base, extra = divmod(log2_n, max(count, 1))
+    return [1 << (base + 1 if i < extra else base) for i in range(count)]
 
 
-def _block_log2_sizes(log2_n: int) -> list[int]:
-    """Split 2^log2_n into as few, as equal as possible Kronecker factors of at most 2^_HADAMARD_BLOCK_LOG2."""
-    count = max(1, math.ceil(log2_n / _HADAMARD_BLOCK_LOG2))
-    base, extra = divmod(log2_n, count)
-    return [base + 1 if i < extra else base for i in range(count)]
+def _odd_block_sizes(odd: int) -> list[int] | None:
+    """Factor an odd length into divisors of at most MAX_ODD_BLOCK (largest first); None if impossible."""
+    blocks = []
+    while odd > 1:
+        divisor = next((d for d in range(min(odd, MAX_ODD_BLOCK), 1, -1) if odd % d == 0), None)
+        if divisor is None:
+            return None
+        blocks.append(divisor)
+        odd //= divisor
+    return blocks
 
 
-def walsh_hadamard(x3: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform along the middle axis (length 2^k) of ``x3`` of shape ``(P, n, R)``.
-
-    H_{2^k} = H_{b_1} (x) ... (x) H_{b_m} (Sylvester ordering), so viewing the axis as ``(b_1, ..., b_m)`` and
-    applying each small block along its own sub-axis gives the full transform in m GEMM passes.
-    """
-    before, n, after = x3.shape
-    log2_sizes = _block_log2_sizes(n.bit_length() - 1)
-    inner = n
-    for log2_b in log2_sizes:
-        b = 1 << log2_b
-        inner //= b
-        block = _normalised_hadamard(b, x3.device, x3.dtype)
-        x3 = _apply_matrix(block, x3.reshape(before * (n // (inner * b)), b, inner * after))
-    return x3.reshape(before, n, after)
+def _apply_along_axis(matrix: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``matrix`` applied along ``axis`` of ``x`` (a new tensor of the same shape)."""
+    return torch.movedim(torch.tensordot(matrix, x, dims=([1], [axis])), 0, axis).contiguous()
 
 
-class _AxisTransform:
-    """An orthogonal transform along one axis; subclasses implement ``apply``/``apply_transpose`` on (P, n, R)."""
+@dataclass
+class _Windows:
+    """Overlapping signed power-of-two Hadamard windows for lengths with a large prime factor."""
 
     size: int
+    signs: list[torch.Tensor]  # three sign vectors of the window width
+    permutation: torch.Tensor  # applied before the third window
 
-    def apply(self, x3: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @property
+    def width(self) -> int:
+        return self.signs[0].numel()
 
-    def apply_transpose(self, x3: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def _hadamard(self, like: torch.Tensor) -> torch.Tensor:
+        return normalised_hadamard(self.width).to(like)
+
+    def apply(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        starts = [0, self.size - self.width, 0]
+        for index, (start, signs) in enumerate(zip(starts, self.signs)):
+            if index == 2:
+                x = x.index_select(axis, self.permutation)
+            window = x.narrow(axis, start, self.width)
+            shape = [1] * x.dim()
+            shape[axis] = self.width
+            mixed = _apply_along_axis(self._hadamard(x), window * signs.to(x).view(shape), axis)
+            x = x.clone() if index == 0 else x
+            x.narrow(axis, start, self.width).copy_(mixed)
+        return x
+
+    def apply_transpose(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        starts = [0, self.size - self.width, 0]
+        x = x.clone()
+        for index in (2, 1, 0):
+            shape = [1] * x.dim()
+            shape[axis] = self.width
+            window = x.narrow(axis, starts[index], self.width)
+            mixed = _apply_along_axis(self._hadamard(x), window, axis) * self.signs[index].to(x).view(shape)
+            window.copy_(mixed)
+            if index == 2:
+                x = x.index_copy(axis, self.permutation, x)
+        return x
 
     @property
     def nbytes(self) -> int:
-        raise NotImplementedError
+        tensors = [*self.signs, self.permutation]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class _DenseAxis(_AxisTransform):
-    def __init__(self, matrix: torch.Tensor):
-        self.size = matrix.shape[0]
-        self.matrix = matrix
+@dataclass
+class _Axis:
+    """Q_axis = kron(factors) @ diag(signs), or the windows transform for awkward lengths."""
 
-    def apply(self, x3: torch.Tensor) -> torch.Tensor:
-        return _apply_matrix(self.matrix.to(x3), x3)
-
-    def apply_transpose(self, x3: torch.Tensor) -> torch.Tensor:
-        return _apply_matrix(self.matrix.to(x3).T, x3)
-
-    @property
-    def nbytes(self) -> int:
-        return self.matrix.numel() * self.matrix.element_size()
-
-
-class _HadamardAxis(_AxisTransform):
-    """Signed Hadamard transforms on power-of-two windows: one window for n = 2^k, else head, tail, head."""
-
-    def __init__(self, size: int, signs: list[torch.Tensor]):
-        self.size = size
-        width = 1 << (size.bit_length() - 1)
-        starts = [0] if width == size else [0, size - width, 0]
-        self.windows = list(zip(starts, signs))
-        self.width = width
-
-    @staticmethod
-    def signs_needed(size: int) -> list[int]:
-        width = 1 << (size.bit_length() - 1)
-        return [width] if width == size else [width] * 3
-
-    def _window(self, x3: torch.Tensor, start: int, transformed: torch.Tensor) -> torch.Tensor:
-        if transformed.shape[1] == x3.shape[1]:
-            return transformed
-        return torch.cat([x3[:, :start], transformed, x3[:, start + self.width:]], dim=1)
-
-    def apply(self, x3: torch.Tensor) -> torch.Tensor:
-        for start, signs in self.windows:
-            segment = x3[:, start:start + self.width] * signs.to(x3).view(1, -1, 1)
-            x3 = self._window(x3, start, walsh_hadamard(segment))
-        return x3
-
-    def apply_transpose(self, x3: torch.Tensor) -> torch.Tensor:
-        for start, signs in reversed(self.windows):
-            segment = walsh_hadamard(x3[:, start:start + self.width].contiguous())
-            x3 = self._window(x3, start, segment.mul_(signs.to(x3).view(1, -1, 1)))
-        return x3
+    size: int
+    factors: list[torch.Tensor] = field(default_factory=list)
+    signs: torch.Tensor | None = None
+    windows: _Windows | None = None
+    shared_factor_ids: set[int] = field(default_factory=set)  # Hadamard blocks: not owned, not counted
 
     @property
     def nbytes(self) -> int:
-        return sum(signs.numel() * signs.element_size() for _, signs in self.windows)
+        owned = [f for f in self.factors if id(f) not in self.shared_factor_ids]
+        owned += [self.signs] if self.signs is not None else []
+        return sum(t.numel() * t.element_size() for t in owned) + (self.windows.nbytes if self.windows else 0)
+
+
+_SHARED_HADAMARD: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def _shared_hadamard(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Hadamard blocks are constants: one copy per (size, device, dtype) serves every rotation."""
+    key = (size, str(device), dtype)
+    if key not in _SHARED_HADAMARD:
+        _SHARED_HADAMARD[key] = normalised_hadamard(size).to(device=device, dtype=dtype)
+    return _SHARED_HADAMARD[key]
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[int, ...]:
     """The shape a parameter is rotated in: ``()`` for scalars, ``(n,)`` for vectors, else (dim 0, the rest)."""
     shape = tuple(shape)
-    if len(shape) <= 1:
-        return shape
-    return (shape[0], math.prod(shape[1:]))
+    return shape if len(shape) <= 1 else (shape[0], math.prod(shape[1:]))
 
 
 class Rotation:
     """A fixed orthogonal transform Q for one parameter shape (see the module docstring for the construction)."""
 
-    def __init__(self, shape: torch.Size, axes: dict[int, _AxisTransform]):
+    def __init__(self, shape: torch.Size, axes: list[_Axis]):
         self.shape = torch.Size(shape)
-        self.view = matrix_view(self.shape)
-        self.axes = axes
+        self.axes = axes  # the rotated axes (length > 1) of matrix_view(shape), in order
 
-    def _transform(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _digits(self, transpose: bool) -> list[tuple[int, torch.Tensor | None]]:
+        """(size, factor) per index digit in application order; factor None (a window axis) is only cycled past.
+
+        rotate: ``F @ x.view(-1, f).T`` transforms the last digit and moves it first (digits last to first);
+        unrotate: ``x.view(f, -1).T @ F = (F^T x)^T`` undoes it, first digit to last.
+        """
+        digits = []
+        for axis in self.axes:
+            if axis.windows is not None:
+                digits.append((axis.size, None))
+            digits += [(f.shape[0], f) for f in axis.factors]
+        return digits if transpose else digits[::-1]
+
+    def _signs(self, x: torch.Tensor) -> torch.Tensor:
+        """Multiply by every axis' sign vector (out of place), on the ``axis sizes`` view of x."""
+        view = [axis.size for axis in self.axes]
+        for position, axis in enumerate(self.axes):
+            if axis.signs is not None:
+                shape = [1] * len(view)
+                shape[position] = axis.size
+                x = x.reshape(view) * axis.signs.to(x).view(shape)
+        return x
+
+    def _windows(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        view = [axis.size for axis in self.axes]
+        for position, axis in enumerate(self.axes):
+            if axis.windows is not None:
+                windows = axis.windows
+                x = (windows.apply_transpose if transpose else windows.apply)(x.reshape(view), position)
+        return x
+
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape != self.shape:
             raise ValueError(f"rotation built for shape {tuple(self.shape)} got a tensor of shape {tuple(x.shape)}")
-        y = x.reshape(self.view)
-        for axis, transform in self.axes.items():
-            before, after = math.prod(self.view[:axis]), math.prod(self.view[axis + 1:])
-            y3 = y.reshape(before, transform.size, after)
-            y3 = transform.apply_transpose(y3) if transpose else transform.apply(y3)
-            y = y3.reshape(self.view)
-        return y.reshape(self.shape) if self.axes else y.reshape(self.shape).clone()
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q x`` (a new tensor; for matrices ``Q_out @ x @ Q_in^T``)."""
-        return self._transform(x, transpose=False)
+        """``Q x`` as a new tensor (for matrices ``Q_out @ x @ Q_in^T``)."""
+        self._check(x)
+        y = self._windows(self._signs(x), transpose=False)
+        for size, factor in self._digits(transpose=False):
+            digit_last = y.reshape(-1, size).T
+            y = digit_last.contiguous() if factor is None else factor.to(y) @ digit_last
+        return y.reshape(self.shape) if y is not x else x.clone()
 
     def unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q^T x``, the inverse of :meth:`rotate`."""
-        return self._transform(x, transpose=True)
+        """``Q^T x`` as a new tensor, the inverse of :meth:`rotate`."""
+        self._check(x)
+        y = x
+        for size, factor in self._digits(transpose=True):
+            digit_first = y.reshape(size, -1).T
+            y = digit_first.contiguous() if factor is None else digit_first @ factor.to(y)
+        y = self._signs(self._windows(y, transpose=True))
+        return y.reshape(self.shape) if y is not x else x.clone()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by this rotation (dense matrices and sign vectors; shared Hadamard blocks not counted)."""
-        return sum(transform.nbytes for transform in self.axes.values())
+        """Bytes held by this rotation (dense blocks, signs, permutations; shared Hadamard blocks not counted)."""
+        return sum(axis.nbytes for axis in self.axes)
+
+
+def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.dtype) -> _Axis:
+    power_of_two = size & -size
+    odd_blocks = _odd_block_sizes(size // power_of_two)
+    if odd_blocks is None:
+        width = 1 << (size.bit_length() - 1)
+        signs = [_random_signs(width, generator).to(device=device, dtype=dtype) for _ in range(3)]
+        permutation = torch.randperm(size, generator=generator).to(device)
+        return _Axis(size, windows=_Windows(size, signs, permutation))
+    hadamard = [_shared_hadamard(b, device, dtype) for b in _hadamard_block_sizes(power_of_two)]
+    odd = [haar_orthogonal(b, generator).to(device=device, dtype=dtype) for b in odd_blocks]
+    signs = _random_signs(size, generator).to(device=device, dtype=dtype)
+    return _Axis(size, factors=odd + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard})
 
 
 def make_rotation(
@@ -248,42 +293,31 @@ def make_rotation(
     """The rotation OrthoAdam uses for a parameter of ``shape`` named ``key`` (deterministic, see module doc).
 
     ``dtype``/``device`` only choose where the factors are stored; they are always sampled in float64 on the CPU,
-    so the same (seed, key, shape, kind, max_dense_dim) gives the same Q everywhere.
+    so the same (seed, key, shape, kind, max_dense_dim) gives the same Q everywhere. ``rotate``/``unrotate``
+    accept tensors of any floating dtype and device (factors are cast on the fly if they differ).
     """
-    _check_kind(kind)
+    check_kind(kind)
     shape = torch.Size(shape)
-    view = matrix_view(shape)
-    axes: dict[int, _AxisTransform] = {}
-    for axis, size in enumerate(view):
+    axes = []
+    for axis, size in enumerate(matrix_view(shape)):
         if size <= 1:
             continue
-        transform_kind = axis_kind(kind, size, max_dense_dim)
-        generator = _generator(seed, key, shape, axis, transform_kind)
-        if transform_kind == "dense":
-            axes[axis] = _DenseAxis(haar_orthogonal(size, generator).to(device=device, dtype=dtype))
+        transform = axis_kind(kind, size, max_dense_dim)
+        generator = _generator(seed, key, shape, axis, transform)
+        if transform == "dense":
+            axes.append(_Axis(size, factors=[haar_orthogonal(size, generator).to(device=device, dtype=dtype)]))
         else:
-            signs = [_random_signs(width, generator).to(device=device, dtype=dtype)
-                     for width in _HadamardAxis.signs_needed(size)]
-            axes[axis] = _HadamardAxis(size, signs)
+            axes.append(_hadamard_axis(size, generator, device, dtype))
     return Rotation(shape, axes)
 
 
 def rotation_nbytes(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
     kind: str = "dense",
+    seed: int = 0,
     max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     dtype: torch.dtype = torch.float32,
 ) -> int:
-    """Memory (bytes) the rotations of these parameters take, without building dense matrices."""
-    _check_kind(kind)
-    element = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for _, parameter in named_parameters:
-        for size in matrix_view(parameter.shape):
-            if size <= 1:
-                continue
-            if axis_kind(kind, size, max_dense_dim) == "dense":
-                total += size * size * element
-            else:
-                total += sum(_HadamardAxis.signs_needed(size)) * element
-    return total
+    """Memory (bytes) the rotations of these parameters take (builds each rotation once, on the CPU)."""
+    return sum(make_rotation(p.shape, kind, seed, name, max_dense_dim, dtype=dtype).nbytes
+               for name, p in named_parameters)
