@@ -179,13 +179,15 @@ class OrthoAdam(Optimizer):
         torch._foreach_lerp_(exp_avgs, rotated_grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, rotated_grads, rotated_grads, 1 - beta2)
-        # The rotated gradients are no longer needed: reuse them for the denominator and the update.
-        denominators = rotated_grads
-        torch._foreach_copy_(denominators, exp_avg_sqs)
-        torch._foreach_sqrt_(denominators)
-        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** step) for step in steps])
-        torch._foreach_add_(denominators, eps)
-        updates = torch._foreach_div(exp_avgs, denominators)
+        # The rotated gradients are no longer needed: their buffers become m / (1-b1^t) / (sqrt(v/(1-b2^t)) + eps)
+        # without the 1/(1-b1^t) factor, which goes into the step size.
+        updates = rotated_grads
+        torch._foreach_copy_(updates, exp_avg_sqs)
+        torch._foreach_sqrt_(updates)
+        torch._foreach_div_(updates, [math.sqrt(1 - beta2**step) for step in steps])
+        torch._foreach_add_(updates, eps)
+        torch._foreach_reciprocal_(updates)
+        torch._foreach_mul_(updates, exp_avgs)
         if weight_decay != 0.0:
             torch._foreach_mul_(parameters, 1 - lr * weight_decay)
         for parameter, rotation, update, step in zip(parameters, rotations, updates, steps):

@@ -13,9 +13,11 @@ Axis transforms:
 * ``"dense"``: a Haar-random orthogonal matrix (QR of a Gaussian with the sign fix); n^2 memory and n^2 work per
   column. Under ``kind="dense"``, axes longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the
   embeddings) use the ``"hadamard"`` axis transform instead.
-* ``"hadamard"``: a randomised Hadamard transform ``Q = (H_{2^a} (x) O_m) D`` for ``n = 2^a m`` with m odd: D are
-  random signs, H_{2^a} the orthonormal Walsh-Hadamard matrix (Sylvester order) and O_m a Kronecker product of small
-  Haar-random blocks (each at most 256) for the odd part (e.g. 32000 = 2^8 * 125, 1376 = 2^5 * 43). Every output
+* ``"hadamard"``: a randomised Hadamard transform ``Q = (O_m (x) O_b (x) H_{2^a/b}) D`` for ``n = 2^a m`` with m
+  odd: D are random signs, H the orthonormal Walsh-Hadamard matrix (Sylvester order), O_b a Haar block of the first
+  power-of-two factor (b <= 32; without it a one-hot gradient would become a flat vector, on which Adam's
+  normalisation acts like on the one-hot, i.e. OrthoAdam would take Adam's step) and O_m a Kronecker product of
+  small Haar blocks (each at most 256) for the odd part (32000 = 125 * 2^8, 1376 = 43 * 2^5). Every output
   coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n) memory.
   Lengths whose odd part has a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
   with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
@@ -43,9 +45,9 @@ import torch
 
 ROTATION_KINDS = ("dense", "hadamard")
 DEFAULT_MAX_DENSE_DIM = 4096
-# Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
+# Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^5 (one GEMM each):
 # on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
-HADAMARD_BLOCK_LOG2 = 4
+HADAMARD_BLOCK_LOG2 = 5
 # Largest dense Haar block used for the odd part of a Hadamard axis length.
 MAX_ODD_BLOCK = 256
 
@@ -79,7 +81,7 @@ def _generator(seed: int, key: str, shape: Sequence[int], axis: int, transform: 
 def haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-distributed n x n orthogonal matrix (float64): QR of a Gaussian, columns sign-fixed by diag(R)."""
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
 
 
 def _random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -221,14 +223,16 @@ class Rotation:
         return digits if transpose else digits[::-1]
 
     def _signs(self, x: torch.Tensor) -> torch.Tensor:
-        """Multiply by every axis' sign vector (out of place), on the ``axis sizes`` view of x."""
+        """Multiply by every axis' sign vector (the first product out of place, the others in place)."""
         view = [axis.size for axis in self.axes]
+        signed = None
         for position, axis in enumerate(self.axes):
             if axis.signs is not None:
                 shape = [1] * len(view)
                 shape[position] = axis.size
-                x = x.reshape(view) * axis.signs.to(x).view(shape)
-        return x
+                signs = axis.signs.to(x).view(shape)
+                signed = x.reshape(view) * signs if signed is None else signed.mul_(signs)
+        return x if signed is None else signed
 
     def _windows(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         view = [axis.size for axis in self.axes]
@@ -275,10 +279,13 @@ def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.d
         signs = [_random_signs(width, generator).to(device=device, dtype=dtype) for _ in range(3)]
         permutation = torch.randperm(size, generator=generator).to(device)
         return _Axis(size, windows=_Windows(size, signs, permutation))
-    hadamard = [_shared_hadamard(b, device, dtype) for b in _hadamard_block_sizes(power_of_two)]
-    odd = [haar_orthogonal(b, generator).to(device=device, dtype=dtype) for b in odd_blocks]
+    hadamard_blocks = _hadamard_block_sizes(power_of_two)
+    # The first power-of-two block is Haar too: H D alone maps a one-hot gradient to a flat vector, which Adam's
+    # per-coordinate normalisation treats like the one-hot itself (OrthoAdam would then take Adam's step).
+    haar = [haar_orthogonal(b, generator).to(device=device, dtype=dtype) for b in odd_blocks + hadamard_blocks[:1]]
+    hadamard = [_shared_hadamard(b, device, dtype) for b in hadamard_blocks[1:]]
     signs = _random_signs(size, generator).to(device=device, dtype=dtype)
-    return _Axis(size, factors=odd + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard})
+    return _Axis(size, factors=haar + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard})
 
 
 def make_rotation(
