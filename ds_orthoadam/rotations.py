@@ -185,6 +185,7 @@ class _Axis:
         return sum(t.numel() * t.element_size() for t in owned) + (self.windows.nbytes if self.windows else 0)
 
 
+Workspace = tuple[torch.Tensor, torch.Tensor]
 _SHARED_HADAMARD: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
 
@@ -222,17 +223,21 @@ class Rotation:
             digits += [(f.shape[0], f) for f in axis.factors]
         return digits if transpose else digits[::-1]
 
-    def _signs(self, x: torch.Tensor) -> torch.Tensor:
-        """Multiply by every axis' sign vector (the first product out of place, the others in place)."""
+    def _signs(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Multiply by every axis' sign vector: into ``out`` (``x`` itself: in place; None: a new tensor)."""
         view = [axis.size for axis in self.axes]
-        signed = None
+        signed = x.reshape(view)
         for position, axis in enumerate(self.axes):
-            if axis.signs is not None:
-                shape = [1] * len(view)
-                shape[position] = axis.size
-                signs = axis.signs.to(x).view(shape)
-                signed = x.reshape(view) * signs if signed is None else signed.mul_(signs)
-        return x if signed is None else signed
+            if axis.signs is None:
+                continue
+            shape = [1] * len(view)
+            shape[position] = axis.size
+            signs = axis.signs.to(x).view(shape)
+            if signed.data_ptr() == x.data_ptr() and out is not x:
+                signed = torch.mul(signed, signs, out=None if out is None else out.view(view))
+            else:
+                signed.mul_(signs)
+        return signed
 
     def _windows(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         view = [axis.size for axis in self.axes]
@@ -246,24 +251,47 @@ class Rotation:
         if x.shape != self.shape:
             raise ValueError(f"rotation built for shape {tuple(self.shape)} got a tensor of shape {tuple(x.shape)}")
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q x`` as a new tensor (for matrices ``Q_out @ x @ Q_in^T``)."""
+    @staticmethod
+    def _free_buffer(current: torch.Tensor, workspace: Workspace | None) -> torch.Tensor | None:
+        """The workspace buffer (flat, sized like ``current``) that does not hold ``current``; None: allocate."""
+        if workspace is None:
+            return None
+        first, second = (buffer[:current.numel()] for buffer in workspace)
+        return second if current.data_ptr() == first.data_ptr() else first
+
+    def rotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """``Q x`` (for matrices ``Q_out @ x @ Q_in^T``); x is never modified.
+
+        Without ``workspace`` the result is a new tensor. With a workspace (two flat buffers of at least x.numel()
+        elements, x's dtype and device) no memory is allocated and the result is a view into one of the buffers,
+        valid until the workspace is reused; x may itself live in a workspace buffer.
+        """
         self._check(x)
-        y = self._windows(self._signs(x), transpose=False)
+        y = self._windows(self._signs(x, self._free_buffer(x, workspace)), transpose=False)
         for size, factor in self._digits(transpose=False):
             digit_last = y.reshape(-1, size).T
-            y = digit_last.contiguous() if factor is None else factor.to(y) @ digit_last
-        return y.reshape(self.shape) if y is not x else x.clone()
+            out = self._free_buffer(y, workspace)
+            if factor is None:
+                y = digit_last.contiguous() if out is None else out.view(size, -1).copy_(digit_last)
+            else:
+                y = torch.matmul(factor.to(y), digit_last, out=None if out is None else out.view(size, -1))
+        return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
 
-    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q^T x`` as a new tensor, the inverse of :meth:`rotate`."""
+    def unrotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """``Q^T x``, the inverse of :meth:`rotate` (same contract for ``workspace``)."""
         self._check(x)
         y = x
         for size, factor in self._digits(transpose=True):
             digit_first = y.reshape(size, -1).T
-            y = digit_first.contiguous() if factor is None else digit_first @ factor.to(y)
-        y = self._signs(self._windows(y, transpose=True))
-        return y.reshape(self.shape) if y is not x else x.clone()
+            out = self._free_buffer(y, workspace)
+            if factor is None:
+                y = digit_first.contiguous() if out is None else out.view(-1, size).copy_(digit_first)
+            else:
+                y = torch.matmul(digit_first, factor.to(y), out=None if out is None else out.view(-1, size))
+        y = self._windows(y, transpose=True)
+        # Signs in place on an intermediate result; into a free buffer (or a new tensor) if y is still x.
+        y = self._signs(y, y if y.data_ptr() != x.data_ptr() else self._free_buffer(x, workspace))
+        return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
 
     @property
     def nbytes(self) -> int:

@@ -152,3 +152,20 @@ def test_rotation_nbytes_counts_matrices_signs_and_permutations():
     assert sum(make_rotation(p.shape, "hadamard", key=n).nbytes for n, p in model.named_parameters()) == expected
     # 263 is prime > 256: three windows of 256 signs (float32) and a permutation of 263 int64 indices.
     assert rotation_nbytes([("v", torch.zeros(263))], "hadamard") == 4 * 3 * 256 + 8 * 263
+
+
+@pytest.mark.parametrize("shape,kind", [((6, 10), "dense"), ((64, 12), "hadamard"), ((2, 263), "hadamard"),
+                                        ((16,), "hadamard"), ((), "dense")])
+def test_workspace_path_matches_the_allocating_path_and_leaves_the_input_alone(shape, kind):
+    rotation = make_rotation(shape, kind, key="w", dtype=torch.float64)
+    workspace = (torch.full((2000,), float("nan"), dtype=torch.float64),
+                 torch.full((2000,), float("nan"), dtype=torch.float64))
+    x = torch.randn(shape, dtype=torch.float64)
+    original = x.clone()
+    rotated = rotation.rotate(x, workspace)
+    assert torch.equal(x, original)
+    torch.testing.assert_close(rotated, rotation.rotate(x), rtol=0, atol=1e-12)
+    # The input of unrotate may itself live in the workspace (how OrthoAdam reuses the rotated gradient's buffer).
+    expected = rotation.unrotate(rotated.clone())
+    torch.testing.assert_close(rotation.unrotate(rotated, workspace), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(expected, original, rtol=0, atol=1e-12)
