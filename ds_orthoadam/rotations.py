@@ -15,11 +15,11 @@ Axis transforms:
   embeddings) use the ``"hadamard"`` axis transform instead.
 * ``"hadamard"``: a randomised Hadamard transform ``Q = (O_m (x) O_b (x) H_{2^a/b}) D`` for ``n = 2^a m`` with m
   odd: D are random signs, H the orthonormal Walsh-Hadamard matrix (Sylvester order), O_b a Haar block of the first
-  power-of-two factor (b <= 32; without it a one-hot gradient would become a flat vector, on which Adam's
+  power-of-two factor (b <= 16; without it a one-hot gradient would become a flat vector, on which Adam's
   normalisation acts like on the one-hot, i.e. OrthoAdam would take Adam's step) and O_m a Kronecker product of
-  small Haar blocks (each at most 256) for the odd part (32000 = 125 * 2^8, 1376 = 43 * 2^5). Every output
+  small Haar blocks for the odd part (prime factors grouped up to 32: 32000 = 25 * 5 * 2^8, 1376 = 43 * 2^5). Every output
   coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n) memory.
-  Lengths whose odd part has a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
+  Lengths with a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
   with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
   permutation of the axis, on ``[0, w)`` again (each pass orthogonal; overlap + permutation make it mix fully).
 
@@ -45,11 +45,13 @@ import torch
 
 ROTATION_KINDS = ("dense", "hadamard")
 DEFAULT_MAX_DENSE_DIM = 4096
-# Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^5 (one GEMM each):
+# Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
 # on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
-HADAMARD_BLOCK_LOG2 = 5
-# Largest dense Haar block used for the odd part of a Hadamard axis length.
-MAX_ODD_BLOCK = 256
+HADAMARD_BLOCK_LOG2 = 4
+# Odd parts of Hadamard axis lengths: Haar blocks grouping prime factors up to ODD_BLOCK_TARGET (GEMM passes with
+# small blocks are memory-bound, so fewer, moderately sized blocks are fastest); primes above MAX_ODD_PRIME use windows.
+ODD_BLOCK_TARGET = 32
+MAX_ODD_PRIME = 256
 
 
 class RotationKindError(ValueError):
@@ -105,14 +107,22 @@ def _hadamard_block_sizes(power_of_two: int) -> list[int]:
 
 
 def _odd_block_sizes(odd: int) -> list[int] | None:
-    """Factor an odd length into divisors of at most MAX_ODD_BLOCK (largest first); None if impossible."""
-    blocks = []
+    """Group the prime factors of an odd length into blocks of at most ODD_BLOCK_TARGET (a larger prime is its own
+    block); None if a prime factor exceeds MAX_ODD_PRIME."""
+    primes, divisor = [], 3
     while odd > 1:
-        divisor = next((d for d in range(min(odd, MAX_ODD_BLOCK), 1, -1) if odd % d == 0), None)
-        if divisor is None:
+        while odd % divisor == 0:
+            primes.append(divisor)
+            odd //= divisor
+        divisor += 2
+        if divisor > MAX_ODD_PRIME and odd > 1:
             return None
-        blocks.append(divisor)
-        odd //= divisor
+    blocks: list[int] = []
+    for prime in sorted(primes, reverse=True):
+        if blocks and blocks[-1] * prime <= ODD_BLOCK_TARGET:
+            blocks[-1] *= prime
+        else:
+            blocks.append(prime)
     return blocks
 
 
@@ -210,18 +220,25 @@ class Rotation:
         self.shape = torch.Size(shape)
         self.axes = axes  # the rotated axes (length > 1) of matrix_view(shape), in order
 
-    def _digits(self, transpose: bool) -> list[tuple[int, torch.Tensor | None]]:
-        """(size, factor) per index digit in application order; factor None (a window axis) is only cycled past.
+    def _kronecker(self, y: torch.Tensor, transpose: bool, workspace: Workspace | None) -> torch.Tensor:
+        """Apply kron(all factors) (or its transpose, kron of the transposed factors) by cycling index digits.
 
-        rotate: ``F @ x.view(-1, f).T`` transforms the last digit and moves it first (digits last to first);
-        unrotate: ``x.view(f, -1).T @ F = (F^T x)^T`` undoes it, first digit to last.
+        ``F @ y.view(-1, f).T`` transforms the last digit with F and moves it to the front; after one step per
+        digit (last to first) the original order is back. A window axis has no factor: its digit is only cycled.
         """
         digits = []
         for axis in self.axes:
-            if axis.windows is not None:
-                digits.append((axis.size, None))
-            digits += [(f.shape[0], f) for f in axis.factors]
-        return digits if transpose else digits[::-1]
+            digits += [(axis.size, None)] if axis.windows is not None else []
+            digits += [(f.shape[0], f.T if transpose else f) for f in axis.factors]
+        for size, factor in reversed(digits):
+            digit_last = y.reshape(-1, size).T
+            out = self._free_buffer(y, workspace)
+            out = None if out is None else out.view(size, -1)
+            if factor is None:
+                y = digit_last.contiguous() if out is None else out.copy_(digit_last)
+            else:
+                y = torch.matmul(factor.to(y), digit_last, out=out)
+        return y
 
     def _signs(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Multiply by every axis' sign vector: into ``out`` (``x`` itself: in place; None: a new tensor)."""
@@ -268,27 +285,13 @@ class Rotation:
         """
         self._check(x)
         y = self._windows(self._signs(x, self._free_buffer(x, workspace)), transpose=False)
-        for size, factor in self._digits(transpose=False):
-            digit_last = y.reshape(-1, size).T
-            out = self._free_buffer(y, workspace)
-            if factor is None:
-                y = digit_last.contiguous() if out is None else out.view(size, -1).copy_(digit_last)
-            else:
-                y = torch.matmul(factor.to(y), digit_last, out=None if out is None else out.view(size, -1))
+        y = self._kronecker(y, transpose=False, workspace=workspace)
         return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
 
     def unrotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """``Q^T x``, the inverse of :meth:`rotate` (same contract for ``workspace``)."""
         self._check(x)
-        y = x
-        for size, factor in self._digits(transpose=True):
-            digit_first = y.reshape(size, -1).T
-            out = self._free_buffer(y, workspace)
-            if factor is None:
-                y = digit_first.contiguous() if out is None else out.view(-1, size).copy_(digit_first)
-            else:
-                y = torch.matmul(digit_first, factor.to(y), out=None if out is None else out.view(-1, size))
-        y = self._windows(y, transpose=True)
+        y = self._windows(self._kronecker(x, transpose=True, workspace=workspace), transpose=True)
         # Signs in place on an intermediate result; into a free buffer (or a new tensor) if y is still x.
         y = self._signs(y, y if y.data_ptr() != x.data_ptr() else self._free_buffer(x, workspace))
         return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()

@@ -87,7 +87,7 @@ def test_hadamard_rotation_does_not_flatten_a_one_hot_vector():
     one_hot = torch.zeros(512, dtype=torch.float64)
     one_hot[7] = 1.0
     magnitudes = make_rotation((512,), "hadamard", key="b", dtype=torch.float64).rotate(one_hot).abs()
-    assert magnitudes.max() > 2 * magnitudes.median()
+    assert magnitudes.std() > 0.2 * magnitudes.mean()
 
 
 def test_dense_axes_are_haar_distributed():
@@ -141,9 +141,9 @@ def test_unknown_kind_fails_clearly():
 def test_rotation_nbytes_counts_matrices_signs_and_permutations():
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Embedding(5000, 8))
     # dense: weight 10x6 -> 10^2 + 6^2 floats; bias -> 10^2; the 5000 axis exceeds 4096, so it is a Hadamard axis:
-    # 5000 = 625 * 2^3 -> 5000 signs + Haar blocks 125, 5 and 8 (the first power-of-two block is Haar too);
+    # 5000 = 5^4 * 2^3 -> 5000 signs + Haar blocks 25, 25 and 8 (the first power-of-two block is Haar too);
     # the embedding's 8-axis is dense: 8^2.
-    embedding_axis = 5000 + 125**2 + 5**2 + 8**2
+    embedding_axis = 5000 + 2 * 25**2 + 8**2
     assert rotation_nbytes(model.named_parameters(), "dense") == 4 * (10**2 + 6**2 + 10**2 + embedding_axis + 8**2)
     # hadamard: 10 = 5 * 2 -> 10 signs + 5^2 + 2^2; 6 = 3 * 2 -> 6 + 3^2 + 2^2; bias as 10; the 8-axis: 8 + 8^2.
     # (Shared Hadamard blocks are not counted.)
