@@ -23,7 +23,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, Rotation, Workspace, make_rotation
+from ds_orthoadam.rotations import (
+    DEFAULT_MAX_DENSE_DIM,
+    ROTATION_KINDS,
+    ROTATION_VERSION,
+    Rotation,
+    Workspace,
+    make_rotation,
+)
 
 
 class OrthoAdamConfigError(ValueError):
@@ -84,7 +91,7 @@ class OrthoAdam(Optimizer):
         max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        rotation=rotation, seed=seed, max_dense_dim=max_dense_dim)
+                        rotation=rotation, seed=seed, max_dense_dim=max_dense_dim, rotation_version=ROTATION_VERSION)
         self._rotations: dict[torch.Tensor, tuple[tuple, Rotation]] = {}
         self._workspaces: dict[tuple[torch.device, torch.dtype], Workspace] = {}
         super().__init__(params, defaults)
@@ -119,7 +126,18 @@ class OrthoAdam(Optimizer):
         return sum(self.rotation_for(group, p, key).nbytes for group, p, key in self.parameter_keys())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking that every saved moment has its parameter's shape (rotated frames must agree)."""
+        """Load after checking the rotation scheme version and that every saved moment has its parameter's shape.
+
+        The saved groups' ``rotation``, ``seed`` and ``max_dense_dim`` replace the current ones (as for any torch
+        hyper-parameter), so the moments are used in the frame they were accumulated in.
+        """
+        for group in state_dict["param_groups"]:
+            if group.get("rotation_version") != ROTATION_VERSION:
+                raise OrthoAdamStateError(
+                    f"state dict was written with rotation scheme version {group.get('rotation_version')!r} but this "
+                    f"ds_orthoadam builds version {ROTATION_VERSION}: its moments live in another frame; resume with "
+                    "the ds_orthoadam version that wrote it"
+                )
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         current = self.parameter_keys()
         if len(saved_ids) != len(current):

@@ -17,20 +17,23 @@ Axis transforms:
   odd: D are random signs, H the orthonormal Walsh-Hadamard matrix (Sylvester order), O_b a Haar block of the first
   power-of-two factor (b <= 16; without it a one-hot gradient would become a flat vector, on which Adam's
   normalisation acts like on the one-hot, i.e. OrthoAdam would take Adam's step) and O_m a Kronecker product of
-  small Haar blocks for the odd part (prime factors grouped up to 32: 32000 = 25 * 5 * 2^8, 1376 = 43 * 2^5). Every output
-  coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n) memory.
+  small Haar blocks for the odd part (prime factors grouped up to 32: 32000 = 25 * 5 * 2^8, 1376 = 43 * 2^5).
+  Every output coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n)
+  memory (signs plus blocks of bounded size).
   Lengths with a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
   with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
   permutation of the axis, on ``[0, w)`` again (each pass orthogonal; overlap + permutation make it mix fully).
 
 All Kronecker factors of a parameter are applied with one GEMM each by cycling through the "digits" of the
 flattened index: ``x <- F @ x.view(-1, f).T`` transforms the last digit with F and moves it to the front, so after
-all factors the original order is restored (no transposes or window copies needed).
+all factors the original order is restored (no transposes or window copies needed); ``unrotate`` does the same with
+the transposed factors.
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
 ``(seed, key, shape, kind, max_dense_dim)``. Random numbers come from a CPU ``torch.Generator`` (float64) seeded
 with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted ``hash()`` -- so it is
-identical on every rank, device and restart. ``OrthoAdam`` uses ``key = parameter name`` when given
+identical on every rank, device and restart. The construction itself (block sizes, hashing) is versioned by
+``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never resumed with other Q. ``OrthoAdam`` uses ``key = parameter name`` when given
 ``model.named_parameters()`` and ``key = f"param{i}"`` otherwise, i being the parameter's position in the
 flattened param groups (its id in ``optimizer.state_dict()``).
 """
@@ -44,6 +47,8 @@ from typing import Iterable, Sequence
 import torch
 
 ROTATION_KINDS = ("dense", "hadamard")
+# Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim).
+ROTATION_VERSION = 1
 DEFAULT_MAX_DENSE_DIM = 4096
 # Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
 # on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).

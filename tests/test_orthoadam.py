@@ -140,6 +140,16 @@ def test_loading_onto_other_shapes_fails_clearly():
         OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
 
 
+def test_loading_a_state_dict_from_another_rotation_scheme_fails_clearly():
+    params = make_params()
+    optimizer = OrthoAdam(groups_of(params, True))
+    run(optimizer, params, gradient_stream(1))
+    state = optimizer.state_dict()
+    state["param_groups"][1]["rotation_version"] = 0
+    with pytest.raises(OrthoAdamStateError, match="rotation scheme version 0 but this ds_orthoadam builds version"):
+        OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"lr": -1e-3}, "invalid learning rate lr=-0.001"),
     ({"betas": (1.0, 0.999)}, r"invalid betas\[0\]=1.0: betas must lie in \[0, 1\)"),
