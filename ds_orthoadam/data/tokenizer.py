@@ -67,6 +67,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
             f"tokenizer {path} has no BOS or EOS token (bos={tokenizer.bos_token}, eos={tokenizer.eos_token}); every "
             f"sequence starts with BOS and documents are separated by EOS, so set both in tokenizer_config.json"
         )
+    # Text such as "</s>" in a web page must stay text (as in sentencepiece), not become a control token.
+    tokenizer.backend_tokenizer.encode_special_tokens = True
     return tokenizer
 
 
