@@ -68,6 +68,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
             f"sequence starts with BOS and documents are separated by EOS, so set both in tokenizer_config.json"
         )
     # Text such as "</s>" in a web page must stay text (as in sentencepiece), not become a control token.
+    tokenizer.split_special_tokens = True
     tokenizer.backend_tokenizer.encode_special_tokens = True
     return tokenizer
 
@@ -111,7 +112,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 32000)
         except RuntimeError as error:
             raise TokenizerError(
                 f"sentencepiece could not train a {vocab_size}-token vocabulary on {len(lines)} lines: {error}. "
-                f"Use a smaller --vocab-size or more text (--sample-docs)"
+                f"Adjust --vocab-size as that says, or train on more text (--sample-docs)"
             ) from error
         tokenizer = load_tokenizer(staging)
         os.makedirs(out_dir, exist_ok=True)
