@@ -4,8 +4,8 @@ Both are measured in this process on this machine's CPU, one thread each:
 
 * data: TrainStream over the demo corpus (read json.gz via HF datasets, tokenise, pack, collate) at the paper's
   sequence length 256, one full epoch;
-* trainer: forward + backward of llama-60m (hidden 512, intermediate 1376, 8 heads, 8 layers, vocab 32000) on a
-  small micro-batch. Tokens/s per process hardly depend on the batch, so the paper's batch of 512 x 256 tokens
+* trainer: forward + backward of llama-60m (``build_model("llama-60m")``: hidden 512, intermediate 1376, 8 heads,
+  8 layers, vocab 32000, softmax-1) on a small micro-batch. Tokens/s per process hardly depend on the batch, so the paper's batch of 512 x 256 tokens
   takes (512 * 256) / (trainer tokens/s) seconds per step on this CPU, and data preparation for it takes
   (512 * 256) / (data tokens/s).
 
@@ -29,13 +29,12 @@ import torch  # noqa: E402
 
 from ds_orthoadam.data import TrainStream, load_tokenizer, resolve_source  # noqa: E402
 from ds_orthoadam.data.pretokenize import pretokenize  # noqa: E402
+from ds_orthoadam.models import build_model  # noqa: E402
 
 SEQ_LEN = 256
 PAPER_BATCH = 512
 TARGET_RATIO = 20.0
 V100_FLOPS = 125e12 * 0.3  # fp16 tensor-core peak x an assumed 30% utilisation
-LLAMA_60M = dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8,
-                 vocab_size=32000)
 
 
 def data_tokens_per_second(data: str, tokenizer_path: str, micro_batch: int) -> tuple[float, int]:
@@ -50,21 +49,10 @@ def data_tokens_per_second(data: str, tokenizer_path: str, micro_batch: int) -> 
     return tokens / (time.perf_counter() - start), tokens
 
 
-def build_llama_60m() -> torch.nn.Module:
-    try:
-        from ds_orthoadam.models import build_model
-
-        return build_model("llama-60m", attention="softmax")
-    except ImportError:  # before the foundation's models module is available
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        return LlamaForCausalLM(LlamaConfig(**LLAMA_60M, max_position_embeddings=SEQ_LEN))
-
-
 def trainer_tokens_per_second(micro_batch: int, steps: int) -> tuple[float, int]:
     """Tokens/s of forward + backward of llama-60m on this CPU (after one warm-up step)."""
     torch.manual_seed(0)
-    model = build_llama_60m().train()
+    model = build_model("llama-60m", max_seq_len=SEQ_LEN).train()  # softmax-1, vocabulary 32000
     ids = torch.randint(3, 32000, (micro_batch, SEQ_LEN))
     model(input_ids=ids, labels=ids).loss.backward()
     start = time.perf_counter()
