@@ -1,10 +1,10 @@
-"""One optimiser step over llama-60m's parameters: OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
+"""One optimiser step over a model's parameters (default llama-60m): OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
 
 Prints the median step time of each optimiser (same process, same gradients) as a ratio to AdamW, and the extra
 persistent memory OrthoAdam keeps besides AdamW-sized moments: the rotations and two scratch buffers the size of
 the largest parameter (AdamW's own per-step temporaries are not counted for either).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard] [--model llama-60m]
 """
 from __future__ import annotations
 
@@ -13,16 +13,8 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from ds_orthoadam import OrthoAdam
-
-LLAMA_60M = dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8,
-                 num_hidden_layers=8, vocab_size=32000)
-
-
-def build_llama_60m() -> torch.nn.Module:
-    return LlamaForCausalLM(LlamaConfig(**LLAMA_60M))
+from ds_orthoadam import MODEL_SPECS, OrthoAdam, build_model
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
@@ -49,14 +41,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimiser (median is reported)")
     parser.add_argument("--rotations", nargs="+", default=["dense", "hadamard"], choices=["dense", "hadamard"],
                         help="OrthoAdam rotation kinds to compare with AdamW")
+    parser.add_argument("--model", default="llama-60m", choices=sorted(MODEL_SPECS), help="model whose parameters")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = build_llama_60m()
+    model = build_model(args.model)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"llama-60m: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} thread(s), "
+    print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} thread(s), "
           f"median of {args.steps} interleaved steps")
 
     # lr=0: every optimiser sees the same parameters and gradients on every step.

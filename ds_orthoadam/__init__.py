@@ -4,4 +4,11 @@ Importing the package registers the ``softmax1`` attention implementation with t
 ``attn_implementation="softmax1"`` works for models built here and for saved softmax-1 models reloaded with
 ``AutoModelForCausalLM.from_pretrained``.
 """
-from ds_orthoadam.orthoadam import OrthoAdam  # noqa: F401  (issue 3)
+from ds_orthoadam.attention import register_softmax1, softmax1
+from ds_orthoadam.models import MODEL_SPECS, build_config, build_model, register_model_classes
+from ds_orthoadam.orthoadam import OrthoAdam
+
+register_softmax1()
+register_model_classes()
+
+__all__ = ["MODEL_SPECS", "OrthoAdam", "build_config", "build_model", "softmax1"]
