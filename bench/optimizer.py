@@ -1,10 +1,11 @@
-"""One optimiser step over a model's parameters (default llama-60m): OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
+"""One optimiser step over llama-60m's parameters: OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
 
 Prints the median step time of each optimiser (same process, same gradients) as a ratio to AdamW, and the extra
 persistent memory OrthoAdam keeps besides AdamW-sized moments: the rotations and two scratch buffers the size of
 the largest parameter (AdamW's own per-step temporaries are not counted for either).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard] [--model llama-60m]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
+                                                             [--model llama-60m]
 """
 from __future__ import annotations
 

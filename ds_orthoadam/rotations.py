@@ -33,7 +33,8 @@ Reproducibility rule (what the DeepSpeed integration relies on): the rotation is
 ``(seed, key, shape, kind, max_dense_dim)``. Random numbers come from a CPU ``torch.Generator`` (float64) seeded
 with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted ``hash()`` -- so it is
 identical on every rank, device and restart. The construction itself (block sizes, hashing) is versioned by
-``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never resumed with other Q. ``OrthoAdam`` uses ``key = parameter name`` when given
+``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never resumed with another
+Q. ``OrthoAdam`` uses ``key = parameter name`` when given
 ``model.named_parameters()`` and ``key = f"param{i}"`` otherwise, i being the parameter's position in the
 flattened param groups (its id in ``optimizer.state_dict()``).
 """
