@@ -10,7 +10,7 @@ from ds_orthoadam.analysis import AnalysisInputError, OutlierStatistics, outlier
 from ds_orthoadam.analysis.hooks import eager_attention, evaluation_mode, stream_layer_outputs
 from ds_orthoadam.analysis.metrics import valid_token_mask
 from ds_orthoadam.models import build_model
-from tests.analysis_models import SEQ_LEN, expected_first_mass, pattern_model
+from tests.analysis_fixtures import SEQ_LEN, expected_first_mass, pattern_model
 
 
 def _blocks(model):
