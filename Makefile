@@ -8,7 +8,7 @@ PY           := $(VENV)/bin/python
 TORCH_SPEC   ?= torch==2.13.0
 OFFLINE_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test
+.PHONY: setup test analyze
 
 ## setup: create .venv with torch ($(TORCH_SPEC)) and this package in editable mode (idempotent)
 setup: $(VENV)/.installed
@@ -22,3 +22,15 @@ $(VENV)/.installed: setup.py
 ## test: set up, then run the whole test suite offline on the CPU
 test: setup
 	$(OFFLINE_ENV) $(PY) -m pytest -q tests
+
+## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
+MODEL       ?=
+DATA        ?=
+SAMPLES     ?= 1000
+OUT         ?= analysis
+ANALYZE_ARGS ?=
+analyze: setup
+	@test -n "$(MODEL)" || { echo 'usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR]'; exit 2; }
+	@test -n "$(DATA)" || { echo 'usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR]'; exit 2; }
+	$(OFFLINE_ENV) $(VENV)/bin/ds-orthoadam-analyze $(foreach m,$(MODEL),--model $(m)) --data $(DATA) \
+		--samples $(SAMPLES) --out $(OUT) $(ANALYZE_ARGS)

@@ -28,5 +28,5 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={"dev": ["pytest>=8", "scipy>=1.11"]},
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["ds-orthoadam-analyze=ds_orthoadam.analysis.cli:main"]},
 )
