@@ -100,10 +100,14 @@ def quantization_pass(
     model: PreTrainedModel, batches: Sequence[Batch], schemes: Sequence[QuantScheme], reference_ppl: float,
     description: str | None = None,
 ) -> list[dict]:
-    """Perplexity and penalty (quantised minus ``reference_ppl``) for every scheme; weights restored after each."""
+    """Perplexity and penalty (quantised minus ``reference_ppl``) for every scheme; weights restored after each.
+
+    Runs on the same eager attention path as the metric pass, so every perplexity of a report (and hence every
+    penalty) comes from one numerical path, also in half precision.
+    """
     results = []
     for scheme in tqdm(schemes, desc=description, disable=description is None, leave=False):
-        with quantized(model, scheme):
+        with quantized(model, scheme), eager_attention(model):
             ppl = perplexity(model, batches, description and f"{description} {scheme.name}")
         results.append(
             {
