@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import DistilBertConfig
 
-from ds_orthoadam.analysis.batches import validation_batches
 from ds_orthoadam.analysis.cli import main
 from ds_orthoadam.analysis.loading import load_causal_lm, load_matching_tokenizer
 from ds_orthoadam.analysis.perplexity import perplexity
+from ds_orthoadam.data import resolve_source, validation_batches
 from tests.analysis_fixtures import save_tiny_model, write_corpus
 
 QUANT = "w8-sym-channel,w4-sym-channel,w4-asym-group128,w8a8-token"
@@ -72,13 +72,14 @@ def test_reported_perplexity_matches_transformers_loss(workspace):
     assert _run(workspace, "--quant", "none", "--mode", "pad", models=("llama",), data="txt", out="txt") == 0
     reported = json.loads((out / "analysis.json").read_text())["models"][0]["perplexity"]
     model = load_causal_lm(workspace["llama"])
-    batches = validation_batches(workspace["corpus"]["txt"], load_matching_tokenizer(model, workspace["llama"]),
-                                 24, 4, 12, mode="pad")
+    tokenizer = load_matching_tokenizer(model, workspace["llama"])
+    batches = validation_batches(resolve_source(workspace["corpus"]["txt"], "validation"), tokenizer, 24, 4, 12,
+                                 mode="pad")
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            loss = model(**batch, labels=labels).loss
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
             predicted = int((labels[:, 1:] != -100).sum())
             total, count = total + float(loss) * predicted, count + predicted
     assert reported == pytest.approx(math.exp(total / count), rel=1e-5)
@@ -116,12 +117,12 @@ def test_tokenizer_model_vocabulary_mismatch(workspace, capsys):
     mismatched = save_tiny_model(str(workspace["root"] / "mismatch"), "llama-tiny", "softmax", tokenizer_words=200)
     assert _run(workspace, models=(mismatched,)) == 2
     message = _error(capsys)
-    assert "tokens but the model's embedding has 96 rows" in message and "--tokenizer" in message
+    assert "vocabulary holds 96" in message and "does not belong to this model" in message and "--tokenizer" in message
 
 
 def test_bad_data_and_options(workspace, capsys):
     assert _run(workspace, data=str(workspace["root"] / "nothing.json.gz")) == 2
-    assert "does not exist" in _error(capsys)
+    assert "no such file" in _error(capsys)
     assert _run(workspace, "--seq-len", "500") == 2
     assert "exceeds the 64 positions" in _error(capsys)
     assert _run(workspace, "--quant", "w5-sym-tensor") == 2

@@ -13,13 +13,13 @@ import sys
 
 import torch
 
-from ds_orthoadam.analysis.batches import validation_batches
 from ds_orthoadam.analysis.errors import AnalysisInputError
 from ds_orthoadam.analysis.loading import DTYPES, load_causal_lm, load_matching_tokenizer
 from ds_orthoadam.analysis.plots import write_plots
 from ds_orthoadam.analysis.quantize import DEFAULT_GROUP_SIZE, default_schemes, scheme_by_name
 from ds_orthoadam.analysis.report import report_settings, write_report
 from ds_orthoadam.analysis.runner import analyze_model
+from ds_orthoadam.data import DataError, resolve_source, validation_batches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", required=True, metavar="DIR",
                         help="local Hugging Face causal LM directory; repeat to compare several models")
     parser.add_argument("--data", required=True, metavar="SRC",
-                        help="validation source: C4-format .json/.json.gz file or directory of c4-validation shards, "
-                             "or a .txt file (same strings as the trainer's --data)")
+                        help="validation source, same strings as the trainer's --data: c4 (hub), a directory (its "
+                             "c4-validation.* shards or pre-tokenised validation/), .json/.json.gz/.jsonl/.txt files "
+                             "or globs")
     parser.add_argument("--samples", type=int, required=True, metavar="N",
                         help="number of validation documents (the paper uses 100000)")
     parser.add_argument("--out", required=True, metavar="OUT", help="output directory (created if missing)")
@@ -81,13 +82,14 @@ def run(args: argparse.Namespace) -> str:
     """Analyse every model and write the report; returns the Markdown report's path."""
     _check_arguments(args)
     schemes = _schemes(args.quant, args.group_size)
+    source = resolve_source(args.data, "validation")
     os.makedirs(args.out, exist_ok=True)
     entries, maps = [], []
     for path, label in zip(args.model, _labels(args.model)):
         model = load_causal_lm(path, args.device, args.dtype)
         _check_positions(model, args.seq_len, path)
         tokenizer = load_matching_tokenizer(model, args.tokenizer or path)
-        batches = validation_batches(args.data, tokenizer, args.seq_len, args.batch_size, args.samples, args.mode)
+        batches = validation_batches(source, tokenizer, args.seq_len, args.batch_size, args.samples, mode=args.mode)
         analysis = analyze_model(model, batches, schemes, args.map_layer, description=label)
         entries.append({"label": label, "path": os.path.abspath(path)} | analysis.record)
         maps.append(analysis.maps)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         markdown = run(args)
-    except AnalysisInputError as error:
+    except (AnalysisInputError, DataError) as error:
         print(f"ds-orthoadam-analyze: error: {error}", file=sys.stderr)
         return 2
     print(f"report written to {markdown}")

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 attention and our model classes before loading)
-from ds_orthoadam.analysis.batches import load_tokenizer
 from ds_orthoadam.analysis.errors import AnalysisInputError
+from ds_orthoadam.data import TokenizerError, check_vocab_fits, load_tokenizer
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,10 +43,11 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTr
 def load_matching_tokenizer(model: PreTrainedModel, path: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``path``, refused if it produces ids the model's embedding cannot look up."""
     tokenizer = load_tokenizer(path)
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    try:
+        check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
+    except TokenizerError as error:
         raise AnalysisInputError(
-            f"tokenizer {path} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: they do not "
-            "belong together; pass the model's own tokenizer with --tokenizer"
-        )
+            f"tokenizer {path} does not belong to this model: {error}; to analyse, pass the model's own tokenizer "
+            "with --tokenizer"
+        ) from error
     return tokenizer

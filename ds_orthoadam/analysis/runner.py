@@ -2,7 +2,7 @@
 quantisation scheme. Everything is streamed; only one sample's maps (for the plots) are kept."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +59,7 @@ class _MetricPass:
 
 def metric_pass(
     model: PreTrainedModel,
-    batches: Sequence[Batch],
+    batches: Collection[Batch],
     map_layer: int | None = None,
     map_heads: int = DEFAULT_MAP_HEADS,
     description: str | None = None,
@@ -74,7 +74,7 @@ def metric_pass(
     stats, nll = OutlierStatistics(layers, device), NLLAccumulator()
     callbacks = _MetricPass(stats, maps)
     bos_id = model.config.get_text_config().bos_token_id
-    sequences = bos_first = 0
+    sequences = bos_first = seq_len = 0
     with evaluation_mode(model), eager_attention(model):
         with stream_layer_outputs(model, callbacks.on_hidden, callbacks.on_attention):
             for batch in tqdm(batches, desc=description, disable=description is None, leave=False):
@@ -85,11 +85,11 @@ def metric_pass(
                 stats.begin_batch(valid)
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                 nll.update(logits, input_ids, valid)
-                sequences += input_ids.shape[0]
+                sequences, seq_len = sequences + input_ids.shape[0], input_ids.shape[1]
                 bos_first += int((input_ids[:, 0] == bos_id).sum()) if bos_id is not None else 0
     data = {
         "sequences": sequences,
-        "seq_len": int(batches[0]["input_ids"].shape[1]),
+        "seq_len": seq_len,
         "predicted_tokens": nll.tokens,
         "first_token_is_bos_fraction": bos_first / sequences if sequences else float("nan"),
     }
@@ -97,7 +97,7 @@ def metric_pass(
 
 
 def quantization_pass(
-    model: PreTrainedModel, batches: Sequence[Batch], schemes: Sequence[QuantScheme], reference_ppl: float,
+    model: PreTrainedModel, batches: Collection[Batch], schemes: Sequence[QuantScheme], reference_ppl: float,
     description: str | None = None,
 ) -> list[dict]:
     """Perplexity and penalty (quantised minus ``reference_ppl``) for every scheme; weights restored after each.
@@ -125,7 +125,7 @@ def quantization_pass(
 
 def analyze_model(
     model: PreTrainedModel,
-    batches: Sequence[Batch],
+    batches: Collection[Batch],
     schemes: Sequence[QuantScheme] = (),
     map_layer: int | None = None,
     description: str | None = None,
