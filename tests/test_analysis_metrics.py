@@ -1,6 +1,8 @@
 """Outlier metrics against independent references: scipy/numpy on captured tensors and constructed attention."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -9,6 +11,7 @@ import torch
 from ds_orthoadam.analysis import AnalysisInputError, OutlierStatistics, outlier_metrics
 from ds_orthoadam.analysis.hooks import eager_attention, evaluation_mode, stream_layer_outputs
 from ds_orthoadam.analysis.metrics import valid_token_mask
+from ds_orthoadam.analysis.runner import metric_pass
 from ds_orthoadam.models import build_model
 from tests.analysis_fixtures import SEQ_LEN, expected_first_mass, pattern_model
 
@@ -141,3 +144,20 @@ def test_attention_hook_without_eager_path_explains_the_fix():
     with evaluation_mode(model), eager_attention(model):
         assert model.config._attn_implementation == "eager"
     assert model.config._attn_implementation == "sdpa"
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    return sum(obj.numel() * obj.element_size() for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter))
+
+
+def test_metric_pass_memory_does_not_grow_with_the_number_of_batches():
+    model = build_model("llama-tiny", vocab_size=64, max_seq_len=32)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(8)]
+    kept = {}
+    for count in (1, 8):
+        baseline = _live_tensor_bytes()
+        kept[count] = metric_pass(model, batches[:count])  # results stay referenced while measuring
+        kept[count] = (_live_tensor_bytes() - baseline, kept[count])
+    assert kept[8][0] == kept[1][0]
+    assert kept[8][0] < 64 * 1024  # per-layer sums and one sample's maps, nothing per batch
