@@ -92,9 +92,10 @@ def _error(capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_missing_model_directory(workspace, capsys):
-    assert _run(workspace, models=("/nonexistent/model",)) == 2
-    assert "does not exist" in _error(capsys)
+def test_missing_model_directory_fails_before_any_model_is_analysed(workspace, capsys):
+    assert _run(workspace, models=("gpt2", "/nonexistent/model"), out="missing") == 2
+    assert "model directory /nonexistent/model does not exist" in _error(capsys)
+    assert not (workspace["root"] / "missing").exists()
 
 
 def test_directory_without_config_and_non_causal_model(workspace, capsys):

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from ds_orthoadam.analysis import AnalysisInputError, OutlierStatistics, outlier_metrics
 from ds_orthoadam.analysis.hooks import eager_attention, evaluation_mode, stream_layer_outputs
 from ds_orthoadam.analysis.metrics import valid_token_mask
 from ds_orthoadam.analysis.runner import metric_pass
-from ds_orthoadam.models import build_model
+from ds_orthoadam.models import build_model, set_attention
 from tests.analysis_fixtures import SEQ_LEN, expected_first_mass, pattern_model
 
 
@@ -115,13 +116,31 @@ def test_outlier_metrics_restores_attention_and_training_mode(name, attention):
         assert metrics[key] == pytest.approx(np.mean([metrics[f"layer_{i}/{key}"] for i in range(layers)]))
 
 
-def test_uniform_llama_attention_measured_through_rope():
-    """Zero query projections make every logit 0 in Llama too (RoPE rotates a zero vector to zero)."""
+def _rope_model(family: str, attention: str):
+    """Small Llama / Mistral (grouped-query attention) / Qwen2 models: the analysis must work for any causal LM."""
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                  max_position_embeddings=32)
+    if family == "llama":
+        return build_model("llama-tiny", attention=attention, vocab_size=64, max_seq_len=32)
+    config_class, model_class = {
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
+    config = config_class(num_key_value_heads=2, **common)
+    set_attention(config, attention)
+    return model_class(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_uniform_attention_measured_through_rope_in_several_architectures(family):
+    """Zero query projections make every logit 0 (RoPE rotates a zero vector to zero): uniform attention."""
     for attention in ("softmax", "softmax1"):
-        model = build_model("llama-tiny", attention=attention, vocab_size=64, max_seq_len=32)
+        model = _rope_model(family, attention)
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_proj.weight.zero_()
+                if layer.self_attn.q_proj.bias is not None:
+                    layer.self_attn.q_proj.bias.zero_()
         metrics = outlier_metrics(model, torch.randint(0, 64, (2, SEQ_LEN)))
         assert metrics["first_token_share"] == 0.0
         expected = expected_first_mass("uniform", attention, 0.0, [SEQ_LEN])

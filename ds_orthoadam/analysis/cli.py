@@ -14,7 +14,7 @@ import sys
 import torch
 
 from ds_orthoadam.analysis.errors import AnalysisInputError
-from ds_orthoadam.analysis.loading import DTYPES, load_causal_lm, load_matching_tokenizer
+from ds_orthoadam.analysis.loading import DTYPES, check_model_directory, load_causal_lm, load_matching_tokenizer
 from ds_orthoadam.analysis.plots import write_plots
 from ds_orthoadam.analysis.quantize import DEFAULT_GROUP_SIZE, default_schemes, scheme_by_name
 from ds_orthoadam.analysis.report import report_settings, write_report
@@ -83,8 +83,12 @@ def run(args: argparse.Namespace) -> str:
     _check_arguments(args)
     schemes = _schemes(args.quant, args.group_size)
     source = resolve_source(args.data, "validation")
+    for path in args.model:
+        check_model_directory(path)
     os.makedirs(args.out, exist_ok=True)
     entries, maps = [], []
+    report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, schemes),
+              "models": entries}
     for path, label in zip(args.model, _labels(args.model)):
         model = load_causal_lm(path, args.device, args.dtype)
         _check_positions(model, args.seq_len, path)
@@ -93,10 +97,9 @@ def run(args: argparse.Namespace) -> str:
         analysis = analyze_model(model, batches, schemes, args.map_layer, description=label)
         entries.append({"label": label, "path": os.path.abspath(path)} | analysis.record)
         maps.append(analysis.maps)
+        write_report(args.out, report, [])  # keep finished models' numbers if a later model fails
         del model
         gc.collect()
-    report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, schemes),
-              "models": entries}
     plots = write_plots(args.out, entries, maps)
     _, markdown = write_report(args.out, report, plots)
     return markdown

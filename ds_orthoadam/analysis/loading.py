@@ -13,8 +13,8 @@ from ds_orthoadam.data import TokenizerError, check_vocab_fits, load_tokenizer
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
-    """The model in directory ``path`` (weights in their saved dtype unless ``dtype`` says otherwise), in eval mode."""
+def check_model_directory(path: str) -> None:
+    """Fail fast (before any long analysis starts) on a missing path or a directory without config.json."""
     if not os.path.exists(path):
         raise AnalysisInputError(f"model directory {path} does not exist; pass a saved Hugging Face model directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -22,6 +22,11 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTr
             f"{path} is not a Hugging Face model directory (no config.json); pass a directory written by "
             "save_pretrained or by our exporter"
         )
+
+
+def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
+    """The model in directory ``path`` (weights in their saved dtype unless ``dtype`` says otherwise), in eval mode."""
+    check_model_directory(path)
     if dtype not in DTYPES:
         raise AnalysisInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:

@@ -109,9 +109,9 @@ class OutlierStatistics:
             peak = max_abs[tokens]
             sums[f"max_abs_{part}"][layer] += torch.where(mask, peak, 0.0).sum().double()
             sums[f"{part}_count"][layer] += mask.sum()
-            if mask.any():
-                batch_peak = torch.where(mask, peak, 0.0).max().double()
-                self._peaks[f"peak_abs_{part}"][layer] = torch.maximum(self._peaks[f"peak_abs_{part}"][layer], batch_peak)
+            # |X| >= 0, so masked entries set to 0 cannot raise the peak (and no host sync is needed to check).
+            batch_peak = torch.where(mask, peak, 0.0).amax().double()
+            self._peaks[f"peak_abs_{part}"][layer] = torch.maximum(self._peaks[f"peak_abs_{part}"][layer], batch_peak)
 
     def update_attention(self, layer: int, probs: torch.Tensor) -> None:
         """Accumulate first-token share and mass of attention ``layer``'s weights [B, H, T, S] (queries 1..T-1)."""
