@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("pack", "pad"), default="pack",
                         help="pack: BOS + a stream of documents per sequence; pad: one document per sequence")
     parser.add_argument("--quant", default="all", metavar="SCHEMES",
-                        help="'all' (default), 'none', or comma-separated scheme names, e.g. w4-sym-group128,w8a8-token")
+                        help="'all' (default), 'none', or comma-separated scheme names, "
+                             "e.g. w4-sym-group128,w8a8-token")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of group-wise schemes")
     parser.add_argument("--map-layer", type=int, help="layer of the attention/activation map plots (default: middle)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

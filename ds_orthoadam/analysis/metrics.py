@@ -99,19 +99,19 @@ class OutlierStatistics:
         """Accumulate kurtosis and max |X| of block ``layer``'s output [B, T, D]."""
         kurtosis = token_kurtosis(hidden)
         max_abs = hidden.detach().abs().amax(dim=-1).float()
-        for part, tokens in (("first", (slice(None), 0)), ("rest", (slice(None), slice(1, None)))):
-            mask = self._first if part == "first" else self._rest
-            kappa = kurtosis[tokens]
+        parts = (("first", kurtosis[:, 0], max_abs[:, 0], self._first),
+                 ("rest", kurtosis[:, 1:], max_abs[:, 1:], self._rest))
+        sums, peaks = self._sums, self._peaks
+        for part, kappa, token_max, mask in parts:
             defined = mask & ~kappa.isnan()
-            sums = self._sums
             sums[f"kurtosis_{part}"][layer] += torch.where(defined, kappa, 0.0).sum().double()
             sums[f"kurtosis_{part}_count"][layer] += defined.sum()
-            peak = max_abs[tokens]
-            sums[f"max_abs_{part}"][layer] += torch.where(mask, peak, 0.0).sum().double()
+            masked_max = torch.where(mask, token_max, 0.0)
+            sums[f"max_abs_{part}"][layer] += masked_max.sum().double()
             sums[f"{part}_count"][layer] += mask.sum()
             # |X| >= 0, so masked entries set to 0 cannot raise the peak (and no host sync is needed to check).
-            batch_peak = torch.where(mask, peak, 0.0).amax().double()
-            self._peaks[f"peak_abs_{part}"][layer] = torch.maximum(self._peaks[f"peak_abs_{part}"][layer], batch_peak)
+            peak = peaks[f"peak_abs_{part}"]
+            peak[layer] = torch.maximum(peak[layer], masked_max.amax().double())
 
     def update_attention(self, layer: int, probs: torch.Tensor) -> None:
         """Accumulate first-token share and mass of attention ``layer``'s weights [B, H, T, S] (queries 1..T-1)."""

@@ -55,7 +55,8 @@ def outlier_table(models: Sequence[dict]) -> list[str]:
 
 def weight_only_table(models: Sequence[dict]) -> list[str]:
     """One row per (model, weight quantiser); ppl and penalty per bit width."""
-    bit_widths = sorted({r["bits"] for e in models for r in e["quantization"] if r["activations"] is None}, reverse=True)
+    weight_only = [r for e in models for r in e["quantization"] if r["activations"] is None]
+    bit_widths = sorted({r["bits"] for r in weight_only}, reverse=True)
     header = ["Model", "Weights"] + [f"W{bits} {column}" for bits in bit_widths for column in ("PPL", "penalty")]
     rows = []
     for entry in models:
