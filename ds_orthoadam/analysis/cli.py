@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> str:
         check_model_directory(path)
     os.makedirs(args.out, exist_ok=True)
     entries, maps = [], []
-    report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, schemes),
+    report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, args.mode,
+                                           schemes),
               "models": entries}
     for path, label in zip(args.model, _labels(args.model)):
         model = load_causal_lm(path, args.device, args.dtype)

@@ -148,9 +148,6 @@ class OutlierStatistics:
         for key, values in per_layer.items():
             tensor = torch.tensor(values, dtype=torch.float64)
             result[key] = float(tensor.max() if key.startswith("peak") else tensor.mean())
-        if self._sums["query_pairs"].sum() > 0:
-            # Every layer sees the same (query, head) pairs, so this equals the mean of the per-layer shares.
-            result["first_token_share"] = float(self._sums["sink_hits"].sum() / self._sums["query_pairs"].sum())
         result["excess_kurtosis_first"] = result["kurtosis_first"] - 3.0
         result["excess_kurtosis_rest"] = result["kurtosis_rest"] - 3.0
         for key, values in per_layer.items():
@@ -183,7 +180,10 @@ def outlier_metrics(
     ``peak_abs_rest`` (layer averages; peaks are maxima) and ``layer_{i}/<key>`` for each of ``PER_LAYER_KEYS``.
     Runs under ``torch.no_grad()`` in eval mode on a weight-returning attention of the model's own kind; the
     attention implementation and the training mode are restored afterwards. Skips the LM head (logits unused).
+    A DeepSpeed engine may be passed as is: its wrapped ``module`` is measured.
     """
+    if not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), PreTrainedModel):
+        model = model.module
     device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
