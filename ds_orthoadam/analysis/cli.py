@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> str:
         _check_positions(model, args.seq_len, path)
         tokenizer = load_matching_tokenizer(model, args.tokenizer or path)
         batches = validation_batches(source, tokenizer, args.seq_len, args.batch_size, args.samples, mode=args.mode)
-        analysis = analyze_model(model, batches, schemes, args.map_layer, description=label)
+        analysis = analyze_model(model, batches, schemes, args.map_layer, label, tokenizer.bos_token_id)
         entries.append({"label": label, "path": os.path.abspath(path)} | analysis.record)
         maps.append(analysis.maps)
         write_report(args.out, report, [])  # keep finished models' numbers if a later model fails
