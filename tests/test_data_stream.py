@@ -141,3 +141,31 @@ def test_too_little_data_for_the_readers_fails_clearly(tmp_path, tokenizer):
         next(iter(TrainStream(one_doc, tokenizer, SEQ_LEN, BATCH, rank=1, world_size=2)))
     with pytest.raises(DataSourceError, match="less than one sequence"):
         next(iter(TrainStream(one_doc, tokenizer, 4096, BATCH)))
+
+
+def _two_rank_worker(rank, directory, tokenizer, consumed, init_file, out_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    stream = TrainStream(directory, tokenizer, SEQ_LEN, BATCH, rank, 2, shuffle_block=16)
+    list(islice(iter(stream), consumed + rank))  # ranks may differ; each state is its own
+    states = stream.gathered_state_dict()
+    if rank == 0:
+        torch.save(states, out_file)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_gathered_states_resume_every_rank(corpus, tokenizer, tmp_path):
+    out_file = str(tmp_path / "states.pt")
+    torch.multiprocessing.start_processes(
+        _two_rank_worker, args=(corpus["dir"], tokenizer, 11, str(tmp_path / "init"), out_file), nprocs=2,
+        start_method="fork")
+    states = torch.load(out_file)
+    for rank in range(2):
+        reference = list(islice(iter(TrainStream(corpus["dir"], tokenizer, SEQ_LEN, BATCH, rank, 2,
+                                                 shuffle_block=16)), 11 + rank + 3))[11 + rank:]
+        resumed = TrainStream(corpus["dir"], tokenizer, SEQ_LEN, BATCH, rank, 2, shuffle_block=16)
+        resumed.load_gathered_state_dict(states)
+        for want, have in zip(reference, islice(iter(resumed), 3), strict=True):
+            assert torch.equal(want["input_ids"], have["input_ids"])
+    with pytest.raises(DataSourceError, match="states of 2 ranks, this run has 4"):
+        TrainStream(corpus["dir"], tokenizer, SEQ_LEN, BATCH, 0, 4).load_gathered_state_dict(states)

@@ -65,10 +65,9 @@ def collate(sequences: Sequence[Sequence[int]], seq_len: int, pad_id: int, mode:
 
     Labels equal the inputs (transformers' causal-LM loss shifts them); padded positions get label -100.
     """
-    input_ids = torch.full((len(sequences), seq_len), pad_id, dtype=torch.long)
-    lengths = torch.tensor([len(sequence) for sequence in sequences])
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    rows = [(s.tolist() if isinstance(s, np.ndarray) else list(s)) for s in sequences]
+    lengths = torch.tensor([len(row) for row in rows])
+    input_ids = torch.tensor([row + [pad_id] * (seq_len - len(row)) for row in rows], dtype=torch.long)
     real = torch.arange(seq_len)[None, :] < lengths[:, None]
     batch = {"input_ids": input_ids, "labels": input_ids.masked_fill(~real, IGNORE_INDEX)}
     if mode == "pad":

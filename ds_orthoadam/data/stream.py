@@ -211,6 +211,25 @@ class TrainStream:
         self.next_slot = state["next_slot"]
         self.batches_served = state["batches_served"]
 
+    def gathered_state_dict(self) -> list[dict]:
+        """Every rank's :meth:`state_dict`, gathered (a collective call when torch.distributed is initialised).
+
+        DeepSpeed writes ``client_state`` from data-parallel rank 0 only, so store this list there, not the
+        rank's own state.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [self.state_dict()]
+        states: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, self.state_dict())
+        return states
+
+    def load_gathered_state_dict(self, states: list[dict]) -> None:
+        """Load this rank's entry of a :meth:`gathered_state_dict` list."""
+        if len(states) != self.config.world_size:
+            raise DataSourceError(f"the checkpoint holds data-stream states of {len(states)} ranks, this run has "
+                                  f"{self.config.world_size}; resume with the same number of ranks")
+        self.load_state_dict(states[self.config.rank])
+
     def _identity(self) -> dict:
         c = self.config
         return {"source": c.source.name, "shards": c.source.num_shards, "seq_len": c.seq_len,
