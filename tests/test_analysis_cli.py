@@ -125,6 +125,14 @@ def test_directory_without_config_and_non_causal_model(workspace, capsys):
     assert "not a causal language model" in _error(capsys)
 
 
+def test_model_directory_without_tokenizer_points_to_the_option(workspace, capsys):
+    bare = workspace["root"] / "no-tokenizer"
+    load_causal_lm(workspace["gpt2"]).save_pretrained(bare)
+    assert _run(workspace, models=(str(bare),)) == 2
+    assert "holds no tokenizer" in (message := _error(capsys)) and "--tokenizer" in message
+    assert _run(workspace, "--tokenizer", workspace["gpt2"], "--quant", "none", models=(str(bare),), out="bare") == 0
+
+
 def test_zero_samples(workspace, capsys):
     assert _run(workspace, samples="0") == 2
     assert "--samples must be at least 1" in _error(capsys)
