@@ -46,7 +46,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from ds_orthoadam import ds_internals
-from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, Rotation, make_rotation
+from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, ROTATION_VERSION, Rotation, make_rotation
 
 ORTHOADAM_TYPE = "orthoadam"
 CLIENT_STATE_KEY = "ds_orthoadam_rotation"
@@ -63,11 +63,12 @@ class RotationMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class RotationSpec:
-    """What determines every rotation (with each parameter's name and shape)."""
+    """What determines every rotation (with each parameter's name and shape), incl. the rotation scheme version."""
 
     rotation: str = "dense"
     seed: int = 0
     max_dense_dim: int = DEFAULT_MAX_DENSE_DIM
+    version: int = ROTATION_VERSION
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -93,7 +94,7 @@ def _check_int(params: dict, name: str, low: int) -> int:
 
 
 _ADAMW_DEFAULTS = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
-_ROTATION_DEFAULTS = asdict(RotationSpec())
+_ROTATION_DEFAULTS = {k: v for k, v in asdict(RotationSpec()).items() if k != "version"}  # not a config field
 
 
 def _parse_orthoadam_params(params: Any) -> tuple[dict, RotationSpec]:
@@ -292,7 +293,8 @@ class OrthoAdamEngineHooks:
         if saved is not None and RotationSpec(**saved) != self.frame.spec:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was trained with OrthoAdam rotations {saved} but this engine uses "
-                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim to the saved values")
+                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim to the saved values "
+                "(a different version means another ds_orthoadam release built the rotations: resume with that one)")
         # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
         # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
         if module_only:
@@ -360,4 +362,9 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
         return phi  # not an OrthoAdam checkpoint: DeepSpeed's weights are already real
     optimized = {name for group in saved["param_shapes"] for name in group}
     trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
-    return RotatedFrame(trainable, RotationSpec(**saved[CLIENT_STATE_KEY])).unrotate_state_dict(phi)
+    spec = RotationSpec(**saved[CLIENT_STATE_KEY])
+    if spec.version != ROTATION_VERSION:
+        raise RotationMismatchError(f"{checkpoint_dir} holds rotation scheme version {spec.version} but this "
+                                    f"ds_orthoadam builds version {ROTATION_VERSION}: export with the release that "
+                                    "trained it")
+    return RotatedFrame(trainable, spec).unrotate_state_dict(phi)
