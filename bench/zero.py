@@ -1,6 +1,8 @@
 """What OrthoAdam adds to a DeepSpeed training step, as a fraction of the step (CPU; run from the repository root).
 
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 python bench/zero.py [--model llama-60m] [--micro-tokens 256]
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python bench/zero.py [--model llama-60m] [--micro-tokens 256]
+
+(One thread: on a shared machine multi-threaded forward/backward times swing far more than the rotations'.)
 
 Measured in this process, each as the minimum over ``--repeats`` interleaved rounds:
 
