@@ -2,12 +2,12 @@
 
 The OrthoAdam integration (:mod:`ds_orthoadam.zero_orthoadam`) keeps DeepSpeed's fp32 master weights and Adam
 moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs five
-facts about DeepSpeed's internals; each is one function here, and ``tests/test_zero_orthoadam.py`` checks every one
+facts about DeepSpeed's internals; each is one function here, and ``tests/test_ds_internals.py`` checks every one
 against the installed DeepSpeed, so an upgrade that breaks one fails loudly there instead of silently training in
 the wrong frame:
 
 1. which configurations keep a separate fp32 master copy that DeepSpeed writes back into the module's parameters
-   (and all-gathers) at the end of every applied step (ZeRO 1/2, and the bf16/fp16 wrappers at stage 0);
+   (and all-gathers) at the end of every applied step (ZeRO 1/2, and the fp16/bf16 wrappers at stage 0);
 2. how to push the module's parameters into that master copy (``refresh_fp32_params``, used by DeepSpeed itself
    for ``load_module_only``); a full ``load_checkpoint`` restores the master from the checkpoint's fp32 weights
    and the module from the checkpoint's module weights, without copying one into the other;
@@ -27,14 +27,12 @@ import torch
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.utils.zero_to_fp32 import get_model_state_file
 
-TESTED_DEEPSPEED_VERSION = "0.19.8"
-
-
 def optimizer_keeps_master_copy(engine: "deepspeed.DeepSpeedEngine") -> bool:
     """True when DeepSpeed steps a separate fp32 copy and copies it back into ``engine.module`` after each step.
 
-    That is ZeRO stage 1/2 (any precision) and, at stage 0, the bf16 (``BF16_Optimizer``) and fp16
-    (``FP16_Optimizer``) wrappers. Only plain fp32 at stage 0 steps the module's parameters in place.
+    That is ZeRO stage 1/2 (any precision; ``BF16_Optimizer`` for bf16 with fp32 gradient accumulation) and, at stage
+    0, the ``FP16_Optimizer``/``FP16_UnfusedOptimizer`` wrappers DeepSpeed uses for fp16 and bf16. Only plain fp32 at
+    stage 0 steps the module's parameters in place.
     """
     return engine.zero_optimization_stage() >= 1 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
