@@ -8,15 +8,20 @@ Measured in this process, each as the minimum over ``--repeats`` interleaved rou
 
 * ``fwd_bwd``: forward + backward of one micro-batch of ``--micro-tokens`` tokens (the baseline's compute);
 * ``adamw``: one torch AdamW step over all parameters (what DeepSpeed's AdamW does, summed over ranks);
-* ``rotate``: rotating every gradient (the per-micro-batch tensor hooks) and ``unrotate``: rotating every parameter
-  back (once per optimiser step), for dense and Hadamard rotations;
-* inside DeepSpeed (ZeRO-1, one rank, same config but the optimiser name): ``engine.backward`` and ``engine.step``
-  with AdamW and with OrthoAdam, as a check that the components add up.
+* ``rotate``: rotating every gradient and ``unrotate``: rotating every parameter back (once per optimiser step),
+  for dense and Hadamard rotations;
+* inside DeepSpeed (ZeRO-1, one rank, 2 micro-batches per step, same config but the optimiser name): each
+  micro-batch's ``engine.backward`` and ``engine.step`` with AdamW and with OrthoAdam, as a check that the
+  components add up where the integration says they are paid.
 
-A full step at the paper's 16384 tokens per rank is composed as ``16384/micro_tokens * fwd_bwd + adamw``. OrthoAdam
-(rotated frame, this project) adds ``k * rotate + unrotate`` per step with k micro-batches (gradient accumulation);
-the alternative re-parametrisation theta = R(phi) adds ``k * (rotate + unrotate)`` (theta = Q^T phi in every forward,
-Q g in every backward). Memory: rotations (not sharded) and the ZeRO-1 optimiser state per rank.
+A full step at the paper's 16384 tokens per rank is composed as ``16384/micro_tokens * fwd_bwd + adamw``. With k
+micro-batches per step (gradient accumulation), OrthoAdam (rotated frame, this project) adds per step
+``rotate + unrotate`` where DeepSpeed reduces the accumulated gradient once at the boundary (ZeRO 0, ZeRO 1 without
+``overlap_comm``: the gradient is rotated once, right before that reduction) and ``k * rotate + unrotate`` where
+DeepSpeed takes every micro-batch's gradient during its backward (ZeRO-2, ``overlap_comm``, bf16 with fp32
+gradient accumulation: a tensor hook per micro-batch). The alternative re-parametrisation theta = R(phi) adds
+``k * (rotate + unrotate)`` (theta = Q^T phi in every forward, Q g in every backward). Memory: rotations (not
+sharded) and the ZeRO-1 optimiser state per rank.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from ds_orthoadam.zero_orthoadam import RotatedFrame, RotationSpec
 
 PAPER_TOKENS_PER_RANK = 16384
 SEQ_LEN = 256
+ENGINE_ACCUMULATION = 2
 
 
 def interleaved_best_times(tasks: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -75,27 +81,29 @@ def measure_components(model: torch.nn.Module, tokens: torch.Tensor, repeats: in
 
 
 def rotate_all(frame: RotatedFrame, grads: dict[str, torch.Tensor]) -> None:
-    """What the gradient hooks do in one backward: Q g for every parameter."""
+    """One gradient rotation of the whole model: Q g for every parameter."""
     for name, grad in grads.items():
         frame.rotations[name].rotate(grad)
 
 
 def build_engine(name: str, optimizer: str, tokens: torch.Tensor):
-    """A one-rank ZeRO-1 DeepSpeed engine; the two engines compared differ only in the optimiser name."""
+    """A one-rank ZeRO-1 DeepSpeed engine (ENGINE_ACCUMULATION micro-batches per step); the two engines compared
+    differ only in the optimiser name."""
     torch.manual_seed(0)
     model = ds_orthoadam.build_model(name)
     params = {"lr": 1e-4, "weight_decay": 0.1}
     if optimizer == "AdamW":
         params["torch_adam"] = True
-    config = {"train_micro_batch_size_per_gpu": tokens.shape[0], "gradient_accumulation_steps": 1,
+    config = {"train_micro_batch_size_per_gpu": tokens.shape[0], "gradient_accumulation_steps": ENGINE_ACCUMULATION,
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
               "optimizer": {"type": optimizer, "params": params}}
     engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
 
 
-def measure_in_engines(name: str, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
-    """engine.backward and engine.step times of AdamW and OrthoAdam engines, alternating between the two."""
+def measure_in_engines(name: str, tokens: torch.Tensor, repeats: int) -> tuple[dict[str, float], bool]:
+    """Per micro-batch engine.backward and engine.step times of AdamW and OrthoAdam engines, alternating between
+    the two; and whether the OrthoAdam engine rotates the gradient once per step."""
     engines = {optimizer: build_engine(name, optimizer, tokens) for optimizer in ("AdamW", "OrthoAdam")}
     pending = {}
 
@@ -105,12 +113,14 @@ def measure_in_engines(name: str, tokens: torch.Tensor, repeats: int) -> dict[st
 
     tasks = {}
     for optimizer, engine in engines.items():
-        tasks[f"forward_{optimizer}"] = forward(optimizer)
-        tasks[f"backward_{optimizer}"] = functools.partial(lambda e, o: e.backward(pending[o]), engine, optimizer)
-        tasks[f"step_{optimizer}"] = engine.step
+        for micro in range(ENGINE_ACCUMULATION):
+            tasks[f"forward{micro}_{optimizer}"] = forward(optimizer)
+            tasks[f"backward{micro}_{optimizer}"] = functools.partial(lambda e, o: e.backward(pending[o]), engine,
+                                                                      optimizer)
+            tasks[f"step{micro}_{optimizer}"] = engine.step
     for task in tasks.values():  # the first step also builds the optimiser state
         task()
-    return interleaved_best_times(tasks, repeats)
+    return interleaved_best_times(tasks, repeats), engines["OrthoAdam"].orthoadam_hooks.rotates_once_per_step
 
 
 def init_single_rank() -> None:
@@ -152,10 +162,12 @@ def main() -> None:
         print(f"{kind}: rotate all gradients {rotate:.3f} s, rotate all parameters back {unrotate:.3f} s, "
               f"rotations {t[f'rotation_bytes_{kind}'] / 2**20:.1f} MiB per rank")
         for k in args.accumulation:
-            rotated_frame = (k * rotate + unrotate) / full_step
+            once_per_step = (rotate + unrotate) / full_step
+            per_micro_batch = (k * rotate + unrotate) / full_step
             reparametrised = k * (rotate + unrotate) / full_step
-            print(f"  accumulation {k:>2}: OrthoAdam extra per step / full step = {rotated_frame:.2%} "
-                  f"(re-parametrisation theta=R(phi) would add {reparametrised:.2%})")
+            print(f"  accumulation {k:>2}: OrthoAdam extra per step / full step = {once_per_step:.2%} at ZeRO 0/1, "
+                  f"{per_micro_batch:.2%} at ZeRO-2/overlap_comm (re-parametrisation theta=R(phi): "
+                  f"{reparametrised:.2%})")
 
     bytes_unsharded = 3 * 4 * n_params  # fp32 master + exp_avg + exp_avg_sq
     print("ZeRO-1 optimiser state per rank (fp32 master + moments): " + ", ".join(
@@ -166,12 +178,16 @@ def main() -> None:
 
     if not args.skip_engine:
         init_single_rank()
-        e = measure_in_engines(args.model, tokens, args.repeats)
-        print("in DeepSpeed ZeRO-1, one rank, dense (OrthoAdam - AdamW): engine.backward "
-              f"+{e['backward_OrthoAdam'] - e['backward_AdamW']:.3f} s of {e['backward_AdamW']:.3f} s "
-              f"(gradient hooks; component rotate {t['rotate_dense']:.3f} s), engine.step "
-              f"+{e['step_OrthoAdam'] - e['step_AdamW']:.3f} s of {e['step_AdamW']:.3f} s "
-              f"(rotation back; component unrotate {t['unrotate_dense']:.3f} s)")
+        e, once_per_step = measure_in_engines(args.model, tokens, args.repeats)
+        print(f"in DeepSpeed ZeRO-1, one rank, {ENGINE_ACCUMULATION} micro-batches per step, dense, gradient rotated "
+              f"{'once per step' if once_per_step else 'per micro-batch'}; OrthoAdam - AdamW per micro-batch "
+              f"(component rotate {t['rotate_dense']:.3f} s, unrotate {t['unrotate_dense']:.3f} s):")
+        for micro in range(ENGINE_ACCUMULATION):
+            backward, step = (e[f"{task}{micro}_OrthoAdam"] - e[f"{task}{micro}_AdamW"]
+                              for task in ("backward", "step"))
+            print(f"  micro-batch {micro}{' (boundary)' if micro == ENGINE_ACCUMULATION - 1 else ''}: engine.backward "
+                  f"{backward:+.3f} s of {e[f'backward{micro}_AdamW']:.3f} s, engine.step {step:+.3f} s of "
+                  f"{e[f'step{micro}_AdamW']:.3f} s")
 
 
 if __name__ == "__main__":

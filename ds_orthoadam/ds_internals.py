@@ -1,7 +1,7 @@
 """Everything ds_orthoadam relies on that DeepSpeed does not document as public API (checked against 0.19.8).
 
 The OrthoAdam integration (:mod:`ds_orthoadam.zero_orthoadam`) keeps DeepSpeed's fp32 master weights and Adam
-moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs five
+moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs seven
 facts about DeepSpeed's internals; each is one function here, and ``tests/test_ds_internals.py`` checks every one
 against the installed DeepSpeed, so an upgrade that breaks one fails loudly there instead of silently training in
 the wrong frame:
@@ -13,19 +13,30 @@ the wrong frame:
    and the module from the checkpoint's module weights, without copying one into the other;
 3. that the inner optimiser of a ZeRO/bf16 wrapper is ``engine.optimizer.optimizer`` (for the memory report);
 4. the names DeepSpeed resolves for ``"optimizer": {"type": ...}`` (``DEEPSPEED_OPTIMIZERS`` or ``torch.optim``);
-5. the checkpoint layout read by the weight export: ``client_state`` is merged into ``mp_rank_00_model_states.pt``.
+5. the checkpoint layout read by the weight export: ``client_state`` is merged into ``mp_rank_00_model_states.pt``;
+6. in which configurations DeepSpeed leaves every ``p.grad`` to accumulate over the micro-batches of a step and
+   reduces it only on the boundary micro-batch (ZeRO stage 0, and stage 1 without ``overlap_comm`` when gradients
+   accumulate in the parameter dtype): there no DeepSpeed gradient hook consumes ``p.grad`` early;
+7. that, in those configurations, the reduction is ``engine.allreduce_gradients()`` looked up on the engine
+   instance (from the backward epilogue, or from ``step()`` without managed accumulation), so a wrapper installed
+   on the instance runs right before DeepSpeed reads the accumulated ``p.grad``.
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable
 
 import deepspeed
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils.zero_to_fp32 import get_model_state_file
+
 
 def optimizer_keeps_master_copy(engine: "deepspeed.DeepSpeedEngine") -> bool:
     """True when DeepSpeed steps a separate fp32 copy and copies it back into ``engine.module`` after each step.
@@ -50,6 +61,46 @@ def inner_optimizer(engine: "deepspeed.DeepSpeedEngine") -> torch.optim.Optimize
 def optimizer_name_resolvable(name: str) -> bool:
     """Whether ``"optimizer": {"type": name}`` names an optimiser DeepSpeed can build itself."""
     return name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name)
+
+
+def reduces_accumulated_grads_at_boundary(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """True when ``p.grad`` accumulates untouched over a step's micro-batches and is reduced once, at the boundary.
+
+    ZeRO-1 (``DeepSpeedZeroOptimizer`` without gradient partitioning) creates gradient hooks only to partition or
+    overlap the reduction (``overlap_comm``: the boundary micro-batch is reduced during its backward) or to move
+    each micro-batch's gradient into a separate accumulation buffer (``grad_accum_dtype`` other than the parameter
+    dtype); with none of these its hooks leave ``p.grad`` alone and ``reduce_gradients`` reads it in
+    ``allreduce_gradients``. Stage 0 (plain, ``FP16_Optimizer``/``FP16_UnfusedOptimizer`` for fp16 and bf16)
+    has no gradient hooks. ``BF16_Optimizer`` accumulates into fp32 buffers after every micro-batch.
+    Anything else (stage 2, pipelines, DeepCompile, no backward all-reduce) answers False: the caller then rotates
+    every micro-batch's gradient in a tensor hook, which is exact wherever DeepSpeed reduces.
+    """
+    if (engine.pipeline_parallelism or engine.is_deepcompile_enabled() or not engine.enable_backward_allreduce
+            or isinstance(engine.optimizer, BF16_Optimizer)):
+        return False
+    optimizer = engine.optimizer
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return not (optimizer.partition_gradients or optimizer.overlap_comm or optimizer.use_grad_accum_attribute
+                    or optimizer.cpu_offload or optimizer.zenflow)
+    return engine.zero_optimization_stage() == 0
+
+
+def run_before_boundary_reduction(engine: "deepspeed.DeepSpeedEngine", callback: Callable[[], None]) -> None:
+    """Run ``callback()`` on the boundary micro-batch right before DeepSpeed reduces the accumulated ``p.grad``.
+
+    Only meaningful where :func:`reduces_accumulated_grads_at_boundary` holds. Installed on the engine instance,
+    so DeepSpeed's own calls (backward epilogue, ``step()``) and a user's explicit ``engine.allreduce_gradients()``
+    all pass through it; whatever ``callback`` leaves in ``p.grad`` is what DeepSpeed reduces, clips and steps.
+    """
+    original = engine.allreduce_gradients
+
+    @functools.wraps(original)
+    def allreduce_gradients(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            callback()
+        return original(*args, **kwargs)
+
+    engine.allreduce_gradients = allreduce_gradients
 
 
 def checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict:

@@ -8,8 +8,15 @@ frame"):
 * DeepSpeed's fp32 master weights and its AdamW moments live in the rotated frame phi; DeepSpeed's own ``AdamW``
   (``"type": "OrthoAdam"`` is translated to it) steps them, so sharding, clipping, loss scaling, overflow skips and
   checkpointing are DeepSpeed's unchanged code;
-* a tensor hook on every parameter rotates its gradient (g -> Q g) before DeepSpeed accumulates, reduces and
-  partitions it (a linear map commutes with data-parallel averaging);
+* the gradient is rotated (g -> Q g) before DeepSpeed reduces, partitions and clips it (a linear map commutes with
+  accumulation and data-parallel averaging; the norm is invariant), where possible once per optimiser step:
+  at ZeRO 0 and at ZeRO 1 without ``overlap_comm`` (gradients accumulated in the parameter dtype), DeepSpeed leaves
+  ``p.grad`` to accumulate over the micro-batches and reduces it only in ``engine.allreduce_gradients()`` on the
+  boundary micro-batch, so the accumulated ``p.grad`` is rotated in place right before that reduction (a wrapper on
+  the engine instance, :func:`ds_orthoadam.ds_internals.run_before_boundary_reduction`); where DeepSpeed takes
+  every micro-batch's gradient during its backward (ZeRO-2, ``overlap_comm``, ``BF16_Optimizer`` with fp32
+  accumulation), a tensor hook on every parameter rotates each micro-batch's gradient instead
+  (``engine.orthoadam_hooks.rotates_once_per_step`` says which);
 * after every *applied* step, DeepSpeed has all-gathered phi into the module's parameters: they are rotated back
   (theta = Q^T phi) in place. A step DeepSpeed skips (fp16 overflow: ``engine.was_step_applied()`` is False) touches
   neither the master weights, the moments, the step count, nor the module, so nothing is rotated.
@@ -23,11 +30,12 @@ module weights inside every checkpoint), and the rotations are never stored: the
 Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It rotates every parameter twice per
 *micro-batch* (theta = Q^T phi in forward, Q g in backward, plus again under activation checkpointing), materialises
 an extra copy of the weights during forward/backward, renames every weight in the state dict and breaks tied
-embeddings. The rotated frame costs one gradient rotation per micro-batch plus one parameter rotation per optimiser
-step and keeps the module untouched. Measured by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens
-per rank per step): +5.0% per step with 1 micro-batch for both routes, +12.6% vs +20.0% with 4, +42.8% vs +80.0%
-with 16 (README, "OrthoAdam with DeepSpeed"). With one micro-batch both do the two rotations single-process OrthoAdam
-does anyway.
+embeddings. The rotated frame costs one gradient rotation (per optimiser step at ZeRO 0/1, per micro-batch at
+ZeRO-2/``overlap_comm``) plus one parameter rotation per optimiser step, and keeps the module untouched. Measured
+by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +5.2%
+per step at ZeRO 0/1 for every k; at ZeRO-2/``overlap_comm`` +5.2%, +13.1%, +44.6% for k = 1, 4, 16; the
+re-parametrisation +5.2%, +20.7%, +83.0% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
+per step single-process OrthoAdam does anyway, whatever k.
 
 Everything that relies on DeepSpeed behaviour beyond its public API is in :mod:`ds_orthoadam.ds_internals`.
 """
@@ -149,6 +157,12 @@ def _check_zero_section(config: dict) -> None:
                                    "the fp32 master weights are in the rotated frame and must be restored from them")
 
 
+def _check_accumulation(config: dict) -> None:
+    if config.get("managed_gradient_accumulation", True) is not True:
+        raise DeepSpeedConfigError("managed_gradient_accumulation=false is not supported with OrthoAdam: remove it "
+                                   "(the rotations follow DeepSpeed's own gradient accumulation boundaries)")
+
+
 def resolve_config(config: dict | str) -> tuple[dict, RotationSpec | None]:
     """Translate a DeepSpeed config: ``(config for deepspeed.initialize, rotation spec or None)``.
 
@@ -175,6 +189,7 @@ def resolve_config(config: dict | str) -> tuple[dict, RotationSpec | None]:
         return config, None
     adamw, spec = _parse_orthoadam_params(section.get("params", {}))
     _check_zero_section(config)
+    _check_accumulation(config)
     translated = copy.deepcopy(config)
     translated["optimizer"] = {"type": "AdamW", "params": adamw}
     return translated, spec
@@ -211,8 +226,15 @@ class RotatedFrame:
         for name, param in self.params.items():
             param.copy_(self.rotations[name].unrotate(param.float()))
 
+    @torch.no_grad()
+    def rotate_gradients_(self) -> None:
+        """g -> Q g in place for every accumulated gradient (parameters that received none are skipped)."""
+        for name, param in self.params.items():
+            if param.grad is not None:
+                param.grad.copy_(self.rotations[name].rotate(param.grad.float()))
+
     def register_gradient_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Make every gradient arrive rotated (Q g) before DeepSpeed accumulates, reduces or clips it."""
+        """Make every micro-batch's gradient arrive rotated (Q g) before DeepSpeed accumulates, reduces or clips it."""
 
         def rotate_gradient(rotation: Rotation, grad: torch.Tensor) -> torch.Tensor:
             return rotation.rotate(grad.float()).to(grad.dtype)
@@ -243,7 +265,16 @@ class OrthoAdamEngineHooks:
         self.engine = engine
         self.frame = frame
         self.master_copy = ds_internals.optimizer_keeps_master_copy(engine)
-        self.gradient_hooks = frame.register_gradient_hooks()
+        # Where DeepSpeed reduces the gradient accumulated in p.grad only on the boundary micro-batch (ZeRO 0, ZeRO 1
+        # without overlap_comm), that accumulated gradient is rotated once per optimiser step, right before the
+        # reduction; elsewhere every micro-batch's gradient is rotated by a tensor hook before DeepSpeed takes it.
+        self.rotates_once_per_step = ds_internals.reduces_accumulated_grads_at_boundary(engine)
+        self._gradients_rotated = False
+        if self.rotates_once_per_step:
+            self.gradient_hooks = []
+            ds_internals.run_before_boundary_reduction(engine, self._rotate_gradients_once)
+        else:
+            self.gradient_hooks = frame.register_gradient_hooks()
         self._set_master_from_module()
         self._wrap("step", self.step)
         self._wrap("save_checkpoint", self.save_checkpoint)
@@ -263,12 +294,21 @@ class OrthoAdamEngineHooks:
             for param, real in zip(self.frame.params.values(), theta):
                 param.copy_(real)
 
+    def _rotate_gradients_once(self) -> None:
+        """Rotate the step's accumulated gradients unless already done (DeepSpeed may reduce twice at a boundary)."""
+        if not self._gradients_rotated:
+            self.frame.rotate_gradients_()
+            self._gradients_rotated = True
+
     def step(self, original_step, *args, **kwargs):
         if not self.engine.is_gradient_accumulation_boundary():
             return original_step(*args, **kwargs)
+        if self.rotates_once_per_step:  # normally done before the reduction; here if DeepSpeed skipped it (no_sync)
+            self._rotate_gradients_once()
         if not self.master_copy:  # fp32 at stage 0: AdamW steps the module's parameters themselves
             self.frame.rotate_params_()
         result = original_step(*args, **kwargs)
+        self._gradients_rotated = False  # DeepSpeed consumed or (overflow) discarded this step's gradients
         if self.engine.was_step_applied() or not self.master_copy:
             self.frame.unrotate_params_()
         return result

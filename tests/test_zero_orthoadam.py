@@ -19,8 +19,8 @@ import torch
 import ds_orthoadam
 from ds_orthoadam.zero_orthoadam import (DeepSpeedConfigError, RotationMismatchError, export_fp32_state_dict,
                                          resolve_config)
-from zero_harness import (ds_config, init_single_rank_process_group, loss_of, max_abs_diff, micro_batch, reference_run,
-                          relative_update_error, tiny_model)
+from zero_harness import (GRAD_ACCUM, STEPS, ds_config, init_single_rank_process_group, loss_of, max_abs_diff,
+                          micro_batch, reference_run, relative_update_error, tiny_model)
 from deepspeed.utils import safe_get_full_fp32_param
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -34,7 +34,7 @@ TRAIN_CASES = [
     "llama:1:fp32:AdamW", "gpt2:1:fp32:AdamW",
     "llama:0:fp32:OrthoAdam", "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam",
     "llama:1:bf16:OrthoAdam", "llama:1:bf16:AdamW", "llama:0:bf16:OrthoAdam", "llama:0:bf16:AdamW",
-    "llama:1:fp32:OrthoAdam:overflow7",
+    "llama:1:fp32:OrthoAdam:overflow7", "llama:1:fp32:OrthoAdam:overlap", "llama:1:bf16:OrthoAdam:accum32",
 ]
 RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10"]
 
@@ -72,7 +72,7 @@ def references() -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("case", ["llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam:save10", "llama:0:fp32:OrthoAdam",
-                                  "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam"])
+                                  "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam", "llama:1:fp32:OrthoAdam:overlap"])
 def test_fp32_equals_single_process_orthoadam(runs, references, case):
     family = case.split(":")[0]
     reference, clipped = references[family]
@@ -96,6 +96,34 @@ def test_bf16_error_is_deepspeeds_own_and_control_differs(runs, references, stag
     orthoadam_error = relative_update_error(runs[f"llama:{stage}:bf16:OrthoAdam"]["final"], reference, initial)
     assert orthoadam_error <= BF16_ERROR_FACTOR * deepspeed_bf16_error
     assert relative_update_error(adamw_bf16, reference, initial) > 2 * orthoadam_error
+
+
+@pytest.mark.parametrize("case, once_per_step", [
+    ("llama:1:fp32:OrthoAdam:save10", True), ("gpt2:1:fp32:OrthoAdam:save10", True), ("llama:0:fp32:OrthoAdam", True),
+    ("llama:1:bf16:OrthoAdam", True), ("llama:0:bf16:OrthoAdam", True),
+    # DeepSpeed takes each micro-batch's gradient during its backward: rotated by the per-micro-batch hook.
+    ("llama:1:fp32:OrthoAdam:overlap", False), ("llama:2:fp32:OrthoAdam", False),
+    ("llama:1:bf16:OrthoAdam:accum32", False),
+])
+def test_gradients_rotated_once_per_step_where_deepspeed_reduces_only_at_the_boundary(runs, case, once_per_step):
+    """Counts every Q x of the training loop: one per parameter per optimiser step at ZeRO 0/1 (+ one per parameter
+    for the rotation into phi at fp32 stage 0, where AdamW steps the module), GRAD_ACCUM per step elsewhere. The
+    same runs are checked for exactness above."""
+    facts = runs[case]
+    assert facts["rotates_once_per_step"] is once_per_step
+    gradient_rotations = facts["rotated_params"] * (1 if once_per_step else GRAD_ACCUM)
+    into_phi = 0 if facts["master_copy"] else facts["rotated_params"]
+    assert facts["rotate_calls_per_step"] == [gradient_rotations + into_phi] * STEPS
+
+
+def test_bf16_fp32_accumulation_per_micro_batch_rotation_is_within_deepspeeds_error(runs, references):
+    """bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, per-micro-batch rotation)."""
+    reference, _ = references["llama"]
+    initial = tiny_model("llama").state_dict()
+    adamw_fp32 = runs["llama:1:fp32:AdamW"]["final"]
+    deepspeed_bf16_error = relative_update_error(runs["llama:1:bf16:AdamW"]["final"], adamw_fp32, initial)
+    error = relative_update_error(runs["llama:1:bf16:OrthoAdam:accum32"]["final"], reference, initial)
+    assert error <= BF16_ERROR_FACTOR * deepspeed_bf16_error
 
 
 def test_zero1_shards_moments_and_reports_rotation_memory(runs):
@@ -169,6 +197,7 @@ def test_orthoadam_translates_to_deepspeed_adamw_and_other_names_pass_through():
     ({**_orthoadam_config(), "zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
     ({**_orthoadam_config(), "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
      "zero_optimization.offload_optimizer"),
+    ({**_orthoadam_config(), "managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
 ])
 def test_config_errors_name_the_field(config, field):
     with pytest.raises(DeepSpeedConfigError, match=field.replace(".", r"\.")):

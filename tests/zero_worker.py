@@ -2,9 +2,11 @@
 
 Runs several cases in one launch (DeepSpeed start-up dominates on CPU). A case is
 ``family:stage:precision:optimizer[:option]`` with option ``save10`` (checkpoint at step 10, run on to 20),
-``resume10`` (load that checkpoint in this new process, run steps 10..19) or ``overflow7`` (an inf loss on rank 0
-at step 7: DeepSpeed must skip the step). Rank 0 writes ``<out>/<case>.pt`` with the final real weights and facts
-the test checks (skipped steps, memory, state around the skipped step).
+``resume10`` (load that checkpoint in this new process, run steps 10..19), ``overflow7`` (an inf loss on rank 0
+at step 7: DeepSpeed must skip the step), ``overlap`` (``zero_optimization.overlap_comm``) or ``accum32``
+(bf16 with ``data_types.grad_accum_dtype`` fp32: DeepSpeed's BF16_Optimizer). Rank 0 writes ``<out>/<case>.pt``
+with the final real weights and facts the test checks (skipped steps, memory, state around the skipped step,
+rotations applied per optimiser step).
 """
 from __future__ import annotations
 
@@ -34,14 +36,36 @@ def snapshot(engine) -> dict:
     }
 
 
+def count_rotate_calls(engine) -> list[int]:
+    """A one-element counter of ``Q x`` applications (gradients, and parameters at fp32 stage 0) from now on."""
+    counter = [0]
+    frame = getattr(engine, "orthoadam_frame", None)
+    for rotation in (frame.rotations.values() if frame is not None else ()):
+        def counted(x, workspace=None, _rotate=rotation.rotate):
+            counter[0] += 1
+            return _rotate(x, workspace)
+        rotation.rotate = counted
+    return counter
+
+
 def run_case(case: str, out_dir: str, rank: int) -> None:
     family, stage, precision, optimizer, *option = case.split(":")
-    option = option[0] if option else ""
+    option, facts = (option[0] if option else ""), {}
     model = tiny_model(family)
     config = ds_config(int(stage), optimizer, bf16=precision == "bf16")
+    if option == "overlap":
+        config["zero_optimization"]["overlap_comm"] = True
+    if option == "accum32":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     engine, _, _, _ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
+    hooks = getattr(engine, "orthoadam_hooks", None)
+    if hooks is not None:
+        facts["rotates_once_per_step"] = hooks.rotates_once_per_step
+        facts["master_copy"] = hooks.master_copy
+        facts["rotated_params"] = len(engine.orthoadam_frame.params)
+    rotate_calls, facts["rotate_calls_per_step"] = count_rotate_calls(engine), []
     checkpoint_dir = os.path.join(out_dir, f"ckpt-{family}")
-    first_step, facts = 0, {}
+    first_step = 0
     if option == "resume10":
         load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag="step10")
         assert load_path is not None, checkpoint_dir
@@ -55,12 +79,14 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
         overflow = option == "overflow7" and step == 7
         if overflow:
             facts["before_skip"] = snapshot(engine)
+        calls_before = rotate_calls[0]
         for micro in range(GRAD_ACCUM):
             loss = loss_of(engine, micro_batch(step, micro, rank).to(engine.device))
             if overflow and rank == 0 and micro == 1:
                 loss = loss * float("inf")
             engine.backward(loss)
             engine.step()
+        facts["rotate_calls_per_step"].append(rotate_calls[0] - calls_before)
         if overflow:
             facts["after_skip"] = snapshot(engine)
             facts["step_applied_at_skip"] = engine.was_step_applied()
