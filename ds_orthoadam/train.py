@@ -14,17 +14,19 @@ non-finite loss stops the run with status 3 without saving, so the newest checkp
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
+import transformers
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 with transformers)
 from ds_orthoadam import run_config
@@ -277,7 +279,7 @@ class Trainer:
     def finish(self) -> None:
         """Final evaluation, outlier telemetry and (rank 0) Hugging Face export of the newest checkpoint."""
         self.evaluate()
-        if self.args.outlier_every:
+        if self.args.outlier_every and self.step % self.args.outlier_every:  # else the loop just measured them
             self.telemetry.outliers(self.step, self.engine.module, self.probe_ids)
         if not self.args.no_export and self.rank == 0:
             export_dir = Path(self.args.export_dir or self.output_dir / "hf")
@@ -286,6 +288,15 @@ class Trainer:
                               export_dir)
             print(f"exported {tag} to {export_dir}", flush=True)
         dist.barrier()
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Let rank 0 alone print library warnings (each rank would repeat them), and drop a torch deprecation notice
+    that DeepSpeed's ZeRO all-gather triggers on every step."""
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    if rank != 0:
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        transformers.utils.logging.set_verbosity_error()
 
 
 def _fail(message: str, exit_code: int) -> int:
@@ -301,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = compose_config(args, world_size)
     except run_config.RunConfigError as error:
         return _fail(str(error), EXIT_BAD_INPUT)
+    quiet_other_ranks(int(os.environ.get("RANK", "0")))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; its JIT build costs ~40 s
     deepspeed.init_distributed()
     exit_code = 0
