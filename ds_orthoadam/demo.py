@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 for reloading the export)
+from ds_orthoadam.data import TrainStream, load_tokenizer, validation_batches, validation_source
 
 DEMO_MODEL = "llama-tiny"
 UNIGRAM_SAMPLE_BATCHES = 200
+PROBE_SEQUENCES = 8
 
 
 def free_port() -> int:
@@ -46,7 +48,7 @@ def training_command(args: argparse.Namespace) -> list[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
     return [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_orthoadam.train",
             "--model", DEMO_MODEL, "--attention", "softmax1", "--optimizer", "orthoadam",
-            "--data", args.data, "--val-data", args.val_data, "--tokenizer", args.tokenizer,
+            "--data", args.data, "--tokenizer", args.tokenizer, *(["--val-data", args.val_data] if args.val_data else []),
             "--seq-len", str(args.seq_len), "--train-steps", str(args.steps),
             "--set", f"scheduler.params.total_num_steps={args.steps}",
             "--log-every", "20", "--eval-every", "100", "--outlier-every", "100", "--checkpoint-every", "100",
@@ -66,19 +68,16 @@ def exported_outliers(export_dir: Path, args: argparse.Namespace) -> dict[str, f
     from transformers import AutoModelForCausalLM
 
     from ds_orthoadam.analysis.metrics import outlier_metrics
-    from ds_orthoadam.data import load_tokenizer, validation_batches
 
     tokenizer = load_tokenizer(args.tokenizer)
-    batch = next(iter(validation_batches(args.val_data, tokenizer, args.seq_len, 8, num_samples=8, rank=0,
-                                         world_size=1)))
+    batch = next(iter(validation_batches(validation_source(args.data, args.val_data), tokenizer, args.seq_len,
+                                         PROBE_SEQUENCES, num_docs=PROBE_SEQUENCES)))
     model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     with torch.no_grad():
         return outlier_metrics(model, batch["input_ids"])
 
 
 def corpus_unigram_entropy(args: argparse.Namespace) -> float:
-    from ds_orthoadam.data import TrainStream, load_tokenizer
-
     stream = TrainStream(args.data, load_tokenizer(args.tokenizer), args.seq_len, 8, rank=0, world_size=1)
     return unigram_entropy(islice(iter(stream), UNIGRAM_SAMPLE_BATCHES))
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ds_orthoadam.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="data/demo", help="demo training source (make demo-data)")
-    parser.add_argument("--val-data", default="data/demo", help="demo validation source")
+    parser.add_argument("--val-data", default=None, help="validation source (default: the demo's validation shard)")
     parser.add_argument("--tokenizer", default="data/demo/tokenizer", help="demo tokenizer (make tokenizer)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="run directory")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps")

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 and the single-scale-norm model classes)
 from ds_orthoadam.checkpointing import CHECKPOINT_SUBDIR, RUN_FILE, CheckpointManager
+from ds_orthoadam.data import DataError, load_tokenizer
 from ds_orthoadam.models import build_config
 
 
@@ -80,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete checkpoint)")
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
     args = parser.parse_args(argv)
-    from ds_orthoadam.data import load_tokenizer  # the data area owns tokenizer loading
-
     try:
         config, run = run_model_config(args.run_dir)
         manager = CheckpointManager(args.run_dir, keep_last=1)
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"no complete checkpoint {tag or ''} in {Path(args.run_dir) / CHECKPOINT_SUBDIR} "
                               f"(complete: {', '.join(manager.complete_tags()) or 'none'})")
         out = export_checkpoint(manager.checkpoint_dir, tag, config, load_tokenizer(run["tokenizer"]), args.out)
-    except ExportError as error:
+    except (ExportError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {tag} to {out}")

@@ -31,6 +31,7 @@ import transformers
 import ds_orthoadam  # noqa: F401  (registers softmax-1 with transformers)
 from ds_orthoadam import run_config
 from ds_orthoadam.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import ExportError, export_checkpoint
 from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, ModelConfigError, build_model
@@ -76,10 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True,
                       help="training source: 'c4' (hub), local C4 json(.gz) shards / directory / glob, or .txt files")
-    data.add_argument("--val-data", default=None, help="validation source (default: derived from --data)")
+    data.add_argument("--val-data", default=None,
+                      help="validation source (default: derived from --data: C4's validation split / shards)")
     data.add_argument("--tokenizer", required=True, help="tokenizer.model or Hugging Face tokenizer directory")
     data.add_argument("--val-samples", type=int, default=1000,
-                      help="validation documents evaluated at every --eval-every and at the end")
+                      help="validation documents evaluated at every --eval-every and at the end (the paper's final "
+                           "evaluation uses 100000: ds-orthoadam-analyze on the export)")
+    data.add_argument("--data-workers", type=int, default=0,
+                      help="background processes that read and tokenise training data (0: in the training process)")
     data.add_argument("--seed", type=int, default=0, help="seed for model init and data shuffling")
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument("--train-steps", type=int, default=None,
@@ -125,23 +130,24 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict):
 
 
 def make_train_stream(args: argparse.Namespace, tokenizer, micro_batch: int, rank: int, world_size: int):
-    from ds_orthoadam.data import TrainStream
-
-    return TrainStream(args.data, tokenizer, args.seq_len, micro_batch, rank, world_size, seed=args.seed)
+    return TrainStream(args.data, tokenizer, args.seq_len, micro_batch, rank, world_size, seed=args.seed,
+                       num_workers=args.data_workers)
 
 
 def make_validation_batches(args: argparse.Namespace, tokenizer, micro_batch: int, rank: int, world_size: int):
-    """This rank's share of the validation set (the same documents every time)."""
-    from ds_orthoadam.data import validation_batches
-
-    return list(validation_batches(args.val_data or args.data, tokenizer, args.seq_len, micro_batch,
-                                   num_samples=args.val_samples, rank=rank, world_size=world_size))
+    """This rank's share of the validation set (the same documents every time; built once, re-iterable)."""
+    return validation_batches(validation_source(args.data, args.val_data), tokenizer, args.seq_len, micro_batch,
+                              num_docs=args.val_samples, rank=rank, world_size=world_size)
 
 
-def run_identity(args: argparse.Namespace, model_args: dict, ds_config: dict) -> dict:
-    """What makes two invocations the same run: resuming into a directory requires all of it to match."""
+def run_identity(args: argparse.Namespace, model_args: dict, ds_config: dict, data_policy: dict) -> dict:
+    """What makes two invocations the same run: resuming into a directory requires all of it to match.
+
+    ``data_policy`` (source, BOS/EOS and packing policy, seed, ranks) is recorded so that "first token" means the
+    same thing in every analysis of the run.
+    """
     return {"model_args": model_args, "optimizer": run_config.optimizer_type(ds_config), "data": args.data,
-            "tokenizer": str(args.tokenizer), "seq_len": args.seq_len, "seed": args.seed}
+            "tokenizer": str(args.tokenizer), "data_policy": data_policy}
 
 
 class StopRequest:
@@ -173,8 +179,6 @@ class Trainer:
     """Owns the engine, data and reporting of one run; ``run()`` trains from the current step to the last."""
 
     def __init__(self, args: argparse.Namespace, ds_config: dict) -> None:
-        from ds_orthoadam.data import load_tokenizer
-
         self.args = args
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.output_dir = Path(args.output_dir)
@@ -187,7 +191,8 @@ class Trainer:
         self.model_args = dict(name=args.model, attention=args.attention, norm=args.norm,
                                vocab_size=len(self.tokenizer), max_seq_len=args.seq_len,
                                bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        self.identity = run_identity(args, self.model_args, ds_config)
+        self.stream = make_train_stream(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
+        self.identity = run_identity(args, self.model_args, ds_config, self.stream.policy)
         self.checkpoints = CheckpointManager(self.output_dir, args.keep_checkpoints)
         resume_tag = self.checkpoints.claim(self.identity, args.resume)
 
@@ -196,9 +201,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(model, args.seq_len)
         self.engine = initialize_engine(model, ds_config)
         self.device = self.engine.device
-        self.stream = make_train_stream(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
         self.validation = make_validation_batches(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
-        self.probe_ids = causal_lm_inputs(self.validation[0], self.device)["input_ids"][:args.probe_samples]
+        self.probe_ids = next(iter(self.validation))["input_ids"][:args.probe_samples].to(self.device)
         self.step, self.tokens_seen = 0, 0
         if resume_tag is not None:
             self._resume(resume_tag)
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(args, ds_config)
         trainer.run()
         trainer.finish()
-    except (CheckpointError, ModelConfigError, ExportError) as error:
+    except (CheckpointError, DataError, ModelConfigError, ExportError) as error:
         exit_code = _fail(str(error), EXIT_BAD_INPUT)
     except TrainingStopped as stopped:
         exit_code = _fail(str(stopped), stopped.exit_code)
