@@ -1,0 +1,193 @@
+"""OrthoAdam (Kaul et al., ICLR 2025, Algorithm 1): Adam whose moments live in a fixed random orthogonal basis.
+
+Per parameter theta with gradient g and fixed rotation Q (see :mod:`ds_orthoadam.rotations`)::
+
+    g~ = Q g;   m = b1 m + (1-b1) g~;   v = b2 v + (1-b2) g~^2            (moments in the rotated frame)
+    theta <- theta (1 - lr wd) - lr Q^T( m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) )
+
+which is exactly ``torch.optim.AdamW`` run on phi = Q theta (decoupled weight decay commutes with Q). Because Adam
+is only equivariant to signed permutations, a rotation that mixes coordinates changes the trajectory and removes the
+privileged basis that lets outlier features form.
+
+State (``exp_avg``, ``exp_avg_sq`` in the rotated frame, ``step``) round-trips through ``state_dict``; rotations
+are never stored: they are regenerated from the group's ``(seed, rotation, max_dense_dim)`` and the parameter's key,
+which is its name when the optimiser is given ``model.named_parameters()`` and ``f"param{i}"`` otherwise (i = the
+parameter's position across all param groups, its id in ``state_dict()``). The DeepSpeed integration therefore gets
+the same Q from ``make_rotation(p.shape, kind, seed, name, max_dense_dim)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, Rotation, make_rotation
+
+
+class OrthoAdamConfigError(ValueError):
+    """A hyper-parameter of OrthoAdam is invalid."""
+
+
+class OrthoAdamStateError(ValueError):
+    """A state dict does not fit the parameters it is loaded onto."""
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor) or not lr >= 0.0:
+        raise OrthoAdamConfigError(f"invalid learning rate lr={lr!r}: use a float >= 0")
+    for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise OrthoAdamConfigError(f"invalid {name}={beta!r}: betas must lie in [0, 1), e.g. (0.9, 0.999)")
+    if not eps >= 0.0:
+        raise OrthoAdamConfigError(f"invalid eps={eps!r}: use a float >= 0, e.g. 1e-8")
+    if not weight_decay >= 0.0:
+        raise OrthoAdamConfigError(f"invalid weight_decay={weight_decay!r}: use a float >= 0")
+    if group["rotation"] not in ROTATION_KINDS:
+        raise OrthoAdamConfigError(
+            f"unknown rotation kind {group['rotation']!r}: choose one of {', '.join(ROTATION_KINDS)}"
+        )
+    if not isinstance(group["seed"], int):
+        raise OrthoAdamConfigError(f"invalid seed={group['seed']!r}: use an int")
+    if not isinstance(group["max_dense_dim"], int) or group["max_dense_dim"] < 1:
+        raise OrthoAdamConfigError(f"invalid max_dense_dim={group['max_dense_dim']!r}: use an int >= 1")
+
+
+def _state_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """Moments and rotations of half-precision parameters are kept in float32 (rotations amplify rounding)."""
+    return torch.promote_types(parameter.dtype, torch.float32)
+
+
+class OrthoAdam(Optimizer):
+    """AdamW in a fixed random orthogonal frame per parameter (see the module docstring).
+
+    Args:
+        params: parameters, ``model.named_parameters()`` (names become rotation keys) or param-group dicts.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled weight decay).
+        rotation: ``"dense"`` (Haar-random matrix per axis; axes longer than ``max_dense_dim`` use the Hadamard
+            transform) or ``"hadamard"`` (randomised Walsh-Hadamard per axis, O(n log n)).
+        seed: seeds all rotations (together with each parameter's key).
+        max_dense_dim: longest axis that gets a dense matrix under ``rotation="dense"``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rotation: str = "dense",
+        seed: int = 0,
+        max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        rotation=rotation, seed=seed, max_dense_dim=max_dense_dim)
+        self._rotations: dict[torch.Tensor, tuple[tuple, Rotation]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1])
+
+    def parameter_keys(self) -> list[tuple[dict[str, Any], torch.Tensor, str]]:
+        """(group, parameter, rotation key) for every parameter, in state-dict order."""
+        entries, index = [], 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for position, parameter in enumerate(group["params"]):
+                entries.append((group, parameter, names[position] if names else f"param{index}"))
+                index += 1
+        return entries
+
+    def rotation_for(self, group: dict[str, Any], parameter: torch.Tensor, key: str) -> Rotation:
+        """The (cached) rotation of ``parameter``; rebuilt if its group's rotation settings changed."""
+        spec = (key, group["rotation"], group["seed"], group["max_dense_dim"], parameter.shape,
+                parameter.device, _state_dtype(parameter))
+        cached = self._rotations.get(parameter)
+        if cached is None or cached[0] != spec:
+            rotation = make_rotation(parameter.shape, group["rotation"], group["seed"], key, group["max_dense_dim"],
+                                     device=parameter.device, dtype=_state_dtype(parameter))
+            cached = self._rotations[parameter] = (spec, rotation)
+        return cached[1]
+
+    def rotation_nbytes(self) -> int:
+        """Bytes taken by the rotations of all parameters (builds them if needed)."""
+        return sum(self.rotation_for(group, p, key).nbytes for group, p, key in self.parameter_keys())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load after checking that every saved moment has its parameter's shape (rotated frames must agree)."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        current = self.parameter_keys()
+        if len(saved_ids) != len(current):
+            raise OrthoAdamStateError(
+                f"state dict holds {len(saved_ids)} parameters but this optimiser has {len(current)}: "
+                "load it into an optimiser built over the same model and param groups"
+            )
+        for saved_id, (_, parameter, key) in zip(saved_ids, current):
+            saved = state_dict["state"].get(saved_id, {})
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in saved and saved[name].shape != parameter.shape:
+                    raise OrthoAdamStateError(
+                        f"state dict entry {saved_id} ({key}) has {name} of shape {tuple(saved[name].shape)} but "
+                        f"the parameter has shape {tuple(parameter.shape)}: the checkpoint belongs to a different "
+                        "model configuration"
+                    )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _validate_group(group)
+        self._rotations.clear()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        by_group: dict[int, list[tuple[torch.Tensor, str]]] = {}
+        for group, parameter, key in self.parameter_keys():
+            if parameter.grad is not None:
+                by_group.setdefault(id(group), []).append((parameter, key))
+        for group in self.param_groups:
+            if id(group) in by_group:
+                self._step_group(group, by_group[id(group)])
+        return loss
+
+    def _step_group(self, group: dict[str, Any], entries: list[tuple[torch.Tensor, str]]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        parameters, rotations, rotated_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+        for parameter, key in entries:
+            if parameter.grad.is_sparse:
+                raise OrthoAdamConfigError(f"OrthoAdam does not support sparse gradients ({key})")
+            rotation = self.rotation_for(group, parameter, key)
+            state = self.state[parameter]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(parameter, dtype=_state_dtype(parameter))
+                state["exp_avg_sq"] = torch.zeros_like(parameter, dtype=_state_dtype(parameter))
+            state["step"] += 1
+            parameters.append(parameter)
+            rotations.append(rotation)
+            rotated_grads.append(rotation.rotate(parameter.grad.to(_state_dtype(parameter))))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+
+        torch._foreach_lerp_(exp_avgs, rotated_grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, rotated_grads, rotated_grads, 1 - beta2)
+        # The rotated gradients are no longer needed: reuse them for the denominator and the update.
+        denominators = rotated_grads
+        torch._foreach_copy_(denominators, exp_avg_sqs)
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** step) for step in steps])
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, denominators)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(parameters, 1 - lr * weight_decay)
+        for parameter, rotation, update, step in zip(parameters, rotations, updates, steps):
+            step_size = lr / (1 - beta1 ** step)
+            parameter.add_(rotation.unrotate(update).to(parameter.dtype), alpha=-step_size)

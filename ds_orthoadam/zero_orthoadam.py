@@ -1,0 +1,334 @@
+"""OrthoAdam inside DeepSpeed, exact under ZeRO stages 0, 1 and 2: ``ds_orthoadam.initialize(...)``.
+
+OrthoAdam with a fixed rotation Q per parameter is exactly AdamW run on phi = Q theta with gradient Q g (decoupled
+weight decay and the global gradient norm are rotation invariant). Under ZeRO-1/2 the inner optimiser only sees a
+flat slice that cuts across parameters, so the rotation cannot happen inside its ``step()``. Design ("rotated
+frame"):
+
+* DeepSpeed's fp32 master weights and its AdamW moments live in the rotated frame phi; DeepSpeed's own ``AdamW``
+  (``"type": "OrthoAdam"`` is translated to it) steps them, so sharding, clipping, loss scaling, overflow skips and
+  checkpointing are DeepSpeed's unchanged code;
+* a tensor hook on every parameter rotates its gradient (g -> Q g) before DeepSpeed accumulates, reduces and
+  partitions it (a linear map commutes with data-parallel averaging);
+* after every *applied* step, DeepSpeed has all-gathered phi into the module's parameters: they are rotated back
+  (theta = Q^T phi) in place. A step DeepSpeed skips (fp16 overflow: ``engine.was_step_applied()`` is False) touches
+  neither the master weights, the moments, the step count, nor the module, so nothing is rotated.
+
+The module therefore always holds the real weights theta (forward, evaluation, ``engine.module.state_dict()``, the
+module weights inside every checkpoint), and the rotations are never stored: they are a pure function of
+``(seed, name, shape, kind, max_dense_dim)`` (see :mod:`ds_orthoadam.rotations`), recorded in the checkpoint's
+``client_state`` and checked on load. The fp32 weights of a ZeRO checkpoint are in the rotated frame;
+:func:`export_fp32_state_dict` returns the real theta.
+
+Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It rotates every parameter twice per
+*micro-batch* (theta = Q^T phi in forward, Q g in backward, plus again under activation checkpointing), materialises
+an extra copy of the weights during forward/backward, renames every weight in the state dict and breaks tied
+embeddings. The rotated frame costs one gradient rotation per micro-batch plus one parameter rotation per optimiser
+step and keeps the module untouched; ``bench/zero.py`` measures both (README, "OrthoAdam with DeepSpeed").
+
+Everything that relies on DeepSpeed behaviour beyond its public API is in :mod:`ds_orthoadam.ds_internals`.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import numbers
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from ds_orthoadam import ds_internals
+from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, Rotation, make_rotation
+
+ORTHOADAM_TYPE = "orthoadam"
+CLIENT_STATE_KEY = "ds_orthoadam_rotation"
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed config field is invalid for OrthoAdam; the message names the field and the fix."""
+
+
+class RotationMismatchError(ValueError):
+    """A checkpoint was written with different rotations than the engine loading it."""
+
+
+@dataclass(frozen=True)
+class RotationSpec:
+    """What determines every rotation (with each parameter's name and shape)."""
+
+    rotation: str = "dense"
+    seed: int = 0
+    max_dense_dim: int = DEFAULT_MAX_DENSE_DIM
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_number(params: dict, name: str, low: float, high: float | None = None) -> float:
+    value = params[name]
+    if not _is_number(value) or value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise DeepSpeedConfigError(f"optimizer.params.{name} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_int(params: dict, name: str, low: int) -> int:
+    value = params[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise DeepSpeedConfigError(f"optimizer.params.{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+_ROTATION_DEFAULTS = asdict(RotationSpec())
+
+
+def _parse_orthoadam_params(params: Any) -> tuple[dict, RotationSpec]:
+    """Validate ``optimizer.params`` of an OrthoAdam section: (DeepSpeed AdamW params, rotation spec)."""
+    if not isinstance(params, dict):
+        raise DeepSpeedConfigError(f"optimizer.params must be a JSON object, got {params!r}")
+    allowed = set(_ADAMW_DEFAULTS) | set(_ROTATION_DEFAULTS) | {"torch_adam"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise DeepSpeedConfigError(f"optimizer.params.{unknown[0]} is not an OrthoAdam parameter: "
+                                   f"use only {', '.join(sorted(allowed))}")
+    merged = {**_ADAMW_DEFAULTS, **_ROTATION_DEFAULTS, **params}
+    betas = merged["betas"]
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise DeepSpeedConfigError(f"optimizer.params.betas must be a list of two numbers in [0, 1), got {betas!r}")
+    if merged["rotation"] not in ROTATION_KINDS:
+        raise DeepSpeedConfigError(f"optimizer.params.rotation must be one of {', '.join(ROTATION_KINDS)}, "
+                                   f"got {merged['rotation']!r}")
+    torch_adam = merged.get("torch_adam", get_accelerator().device_name() == "cpu")
+    if not isinstance(torch_adam, bool):
+        raise DeepSpeedConfigError(f"optimizer.params.torch_adam must be true or false, got {torch_adam!r}")
+    adamw = {
+        "lr": _check_number(merged, "lr", 0.0),
+        "betas": [float(b) for b in betas],
+        "eps": _check_number(merged, "eps", 0.0),
+        "weight_decay": _check_number(merged, "weight_decay", 0.0),
+        # FusedAdam on accelerators; torch's AdamW where FusedAdam cannot be built (the CPU accelerator).
+        "torch_adam": torch_adam,
+    }
+    spec = RotationSpec(merged["rotation"], _check_int(merged, "seed", 0), _check_int(merged, "max_dense_dim", 1))
+    return adamw, spec
+
+
+def _check_zero_section(config: dict) -> None:
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise DeepSpeedConfigError(f"zero_optimization must be a JSON object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise DeepSpeedConfigError(
+            f"zero_optimization.stage={stage!r} is not supported with OrthoAdam: use 0, 1 or 2 (stage 3 partitions "
+            "the parameters themselves, so no rank ever holds a whole parameter to rotate)")
+    for offload in ("offload_optimizer", "offload_param"):
+        device = (zero.get(offload) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise DeepSpeedConfigError(f"zero_optimization.{offload}.device={device!r} is not supported with "
+                                       "OrthoAdam: remove the offload section")
+    if zero.get("load_from_fp32_weights", True) is not True:
+        raise DeepSpeedConfigError("zero_optimization.load_from_fp32_weights=false is not supported with OrthoAdam: "
+                                   "the fp32 master weights are in the rotated frame and must be restored from them")
+
+
+def resolve_config(config: dict | str) -> tuple[dict, RotationSpec | None]:
+    """Translate a DeepSpeed config: ``(config for deepspeed.initialize, rotation spec or None)``.
+
+    ``"optimizer": {"type": "OrthoAdam", "params": {...}}`` becomes DeepSpeed's own ``AdamW`` (stepping the rotated
+    frame) plus a :class:`RotationSpec`; any other optimiser name DeepSpeed resolves passes through unchanged (spec
+    None). Raises :class:`DeepSpeedConfigError` naming the offending field.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        with open(config, encoding="utf-8") as handle:
+            config = json.load(handle)
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+    section = config.get("optimizer")
+    if section is None:
+        return config, None
+    name = section.get("type") if isinstance(section, dict) else None
+    if not isinstance(name, str):
+        raise DeepSpeedConfigError(f"optimizer.type must be an optimiser name (e.g. \"OrthoAdam\"), got {name!r}")
+    if name.lower() != ORTHOADAM_TYPE:
+        if not ds_internals.optimizer_name_resolvable(name):
+            raise DeepSpeedConfigError(f"optimizer.type={name!r} is not an optimiser DeepSpeed knows: use "
+                                       "\"OrthoAdam\", a DeepSpeed optimiser (AdamW, Adam, Lamb, Lion, ...) or the "
+                                       "name of a torch.optim class")
+        return config, None
+    adamw, spec = _parse_orthoadam_params(section.get("params", {}))
+    _check_zero_section(config)
+    translated = copy.deepcopy(config)
+    translated["optimizer"] = {"type": "AdamW", "params": adamw}
+    return translated, spec
+
+
+# -------------------------------------------------------------------------------------------- rotated frame
+
+
+class RotatedFrame:
+    """The rotations of a model's trainable parameters, keyed like ``OrthoAdam(model.named_parameters())``."""
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], spec: RotationSpec):
+        self.spec = spec
+        self.params: dict[str, torch.nn.Parameter] = {n: p for n, p in named_parameters if p.requires_grad}
+        self.rotations: dict[str, Rotation] = {
+            name: make_rotation(p.shape, spec.rotation, spec.seed, name, spec.max_dense_dim, device=p.device)
+            for name, p in self.params.items()
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes taken by all rotations (the same on every rank: they are not sharded)."""
+        return sum(rotation.nbytes for rotation in self.rotations.values())
+
+    @torch.no_grad()
+    def rotate_params_(self) -> None:
+        """theta -> phi = Q theta, in place (computed in fp32 whatever the parameter dtype)."""
+        for name, param in self.params.items():
+            param.copy_(self.rotations[name].rotate(param.float()))
+
+    @torch.no_grad()
+    def unrotate_params_(self) -> None:
+        """phi -> theta = Q^T phi, in place."""
+        for name, param in self.params.items():
+            param.copy_(self.rotations[name].unrotate(param.float()))
+
+    def register_gradient_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Make every gradient arrive rotated (Q g) before DeepSpeed accumulates, reduces or clips it."""
+
+        def rotate_gradient(rotation: Rotation, grad: torch.Tensor) -> torch.Tensor:
+            return rotation.rotate(grad.float()).to(grad.dtype)
+
+        return [param.register_hook(functools.partial(rotate_gradient, self.rotations[name]))
+                for name, param in self.params.items()]
+
+    def unrotate_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict with every rotated entry mapped back to theta; tied aliases follow their parameter."""
+        real: dict[str, torch.Tensor] = dict(state_dict)
+        replaced: dict[int, torch.Tensor] = {}
+        for name, rotation in self.rotations.items():
+            tensor = state_dict[name]
+            real[name] = replaced[id(tensor)] = rotation.unrotate(tensor.float())
+        for name, tensor in state_dict.items():
+            if name not in self.rotations and id(tensor) in replaced:
+                real[name] = replaced[id(tensor)]
+        return real
+
+
+# --------------------------------------------------------------------------------------------------- engine
+
+
+class OrthoAdamEngineHooks:
+    """Keeps one DeepSpeed engine's module in the real frame around its step, save and load (see module doc)."""
+
+    def __init__(self, engine: "deepspeed.DeepSpeedEngine", frame: RotatedFrame):
+        self.engine = engine
+        self.frame = frame
+        self.master_copy = ds_internals.optimizer_keeps_master_copy(engine)
+        self.gradient_hooks = frame.register_gradient_hooks()
+        self._set_master_from_module()
+        self._wrap("step", self.step)
+        self._wrap("save_checkpoint", self.save_checkpoint)
+        self._wrap("load_checkpoint", self.load_checkpoint)
+
+    def _wrap(self, name: str, replacement) -> None:
+        original = getattr(self.engine, name)
+        setattr(self.engine, name, functools.wraps(original)(functools.partial(replacement, original)))
+
+    def _set_master_from_module(self) -> None:
+        """Master weights := Q theta (module left holding theta)."""
+        if self.master_copy:
+            self.frame.rotate_params_()
+            ds_internals.copy_module_params_into_master(self.engine)
+            self.frame.unrotate_params_()
+
+    def step(self, original_step, *args, **kwargs):
+        if not self.engine.is_gradient_accumulation_boundary():
+            return original_step(*args, **kwargs)
+        if not self.master_copy:  # fp32 at stage 0: AdamW steps the module's parameters themselves
+            self.frame.rotate_params_()
+        result = original_step(*args, **kwargs)
+        if self.engine.was_step_applied() or not self.master_copy:
+            self.frame.unrotate_params_()
+        return result
+
+    def save_checkpoint(self, original_save, save_dir, tag=None, client_state=None, **kwargs):
+        client_state = {**(client_state or {}), CLIENT_STATE_KEY: asdict(self.frame.spec)}
+        return original_save(save_dir, tag=tag, client_state=client_state, **kwargs)
+
+    def load_checkpoint(self, original_load, load_dir, tag=None, **kwargs):
+        load_path, client_state = original_load(load_dir, tag=tag, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+        saved = (client_state or {}).pop(CLIENT_STATE_KEY, None)
+        if saved is not None and RotationSpec(**saved) != self.frame.spec:
+            raise RotationMismatchError(
+                f"checkpoint {load_path} was trained with OrthoAdam rotations {saved} but this engine uses "
+                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim to the saved values")
+        module_only = kwargs.get("load_module_only", False) or not kwargs.get("load_optimizer_states", True)
+        if module_only:
+            self._set_master_from_module()  # DeepSpeed refreshed the master from the (real-frame) module
+        elif ds_internals.module_holds_master_after_full_load(self.engine):
+            self.frame.unrotate_params_()  # exactly what follows a step: the resumed run stays bit-identical
+        return load_path, client_state
+
+
+def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
+               config: dict | str | None = None, **kwargs):
+    """``deepspeed.initialize`` that also understands ``"optimizer": {"type": "OrthoAdam", ...}``.
+
+    Same arguments and return value ``(engine, optimizer, training_dataloader, lr_scheduler)``. Without an OrthoAdam
+    section everything is passed to ``deepspeed.initialize`` unchanged. With one, the optimiser is built by DeepSpeed
+    (``optimizer`` must be None), rotations are keyed by ``model.named_parameters()`` names so the run equals
+    single-process ``ds_orthoadam.OrthoAdam(model.named_parameters(), ...)``; ``engine.orthoadam_frame`` holds them.
+    """
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    **kwargs)
+    ds_config, spec = resolve_config(config)
+    if spec is None:
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    config=ds_config, **kwargs)
+    if optimizer is not None:
+        raise DeepSpeedConfigError("optimizer: the config selects OrthoAdam, so do not also pass optimizer= "
+                                   "to initialize (remove one of the two)")
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None  # deepspeed.initialize refuses a config given twice
+    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
+        args=args, model=model, model_parameters=model_parameters, config=ds_config, **kwargs)
+    frame = RotatedFrame(engine.module.named_parameters(), spec)
+    engine.orthoadam_frame = frame
+    engine.orthoadam_hooks = OrthoAdamEngineHooks(engine, frame)
+    return engine, ds_optimizer, dataloader, scheduler
+
+
+def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The real fp32 weights theta of a ZeRO-1/2 OrthoAdam checkpoint (``zero_to_fp32`` gives the rotated phi).
+
+    Works on the CPU, without DeepSpeed processes, from the checkpoint files alone: the rotations are regenerated
+    from the spec recorded in the checkpoint and the parameter names.
+    """
+    saved = ds_internals.checkpoint_client_state(checkpoint_dir, tag)
+    phi = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    if CLIENT_STATE_KEY not in saved:
+        return phi  # not an OrthoAdam checkpoint: DeepSpeed's weights are already real
+    optimized = {name for group in saved["param_shapes"] for name in group}
+    trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
+    return RotatedFrame(trainable, RotationSpec(**saved[CLIENT_STATE_KEY])).unrotate_state_dict(phi)

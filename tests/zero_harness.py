@@ -1,0 +1,87 @@
+"""Shared by tests/test_zero_orthoadam.py and the 2-rank worker it launches: models, batches, configs, reference.
+
+Every rank r at micro-step m of optimiser step s trains on ``micro_batch(s, m, r)``; the single-process reference
+trains on the concatenation of those micro-batches (the same global batch), with the loss averaged the same way
+DeepSpeed averages (mean over micro-batches and ranks of each micro-batch's mean token loss).
+"""
+from __future__ import annotations
+
+import torch
+
+import ds_orthoadam
+from ds_orthoadam.orthoadam import OrthoAdam
+
+WORLD_SIZE = 2
+GRAD_ACCUM = 2
+MICRO_BATCH = 2
+SEQ_LEN = 16
+VOCAB = 256
+STEPS = 20
+LR = 1e-3
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+WEIGHT_DECAY = 0.1
+# Small enough that the global gradient norm of these tiny models exceeds it: clipping is active (checked).
+CLIP = 0.5
+ROTATION = "dense"
+SEED = 1234
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    """A tiny softmax-1 ``llama`` or ``gpt2`` (tied embeddings), identically initialised in every process."""
+    torch.manual_seed(0)
+    return ds_orthoadam.build_model(f"{family}-tiny", attention="softmax1", vocab_size=VOCAB, max_seq_len=SEQ_LEN)
+
+
+def micro_batch(step: int, micro: int, rank: int) -> torch.Tensor:
+    """Token ids ``[MICRO_BATCH, SEQ_LEN]`` for one rank's micro-step (deterministic, independent of the process)."""
+    generator = torch.Generator().manual_seed(1_000_003 * step + 1009 * micro + rank)
+    return torch.randint(0, VOCAB, (MICRO_BATCH, SEQ_LEN), generator=generator)
+
+
+def loss_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def ds_config(stage: int, optimizer: str = "OrthoAdam", bf16: bool = False) -> dict:
+    params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}
+    if optimizer == "OrthoAdam":
+        params.update(rotation=ROTATION, seed=SEED)
+    else:
+        params["torch_adam"] = True
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": GRAD_ACCUM,
+        "gradient_clipping": CLIP,
+        "optimizer": {"type": optimizer, "params": params},
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
+
+
+def reference_run(family: str, steps: int = STEPS, skipped_steps: tuple[int, ...] = ()) -> tuple[dict, list]:
+    """Single-process ``ds_orthoadam.OrthoAdam`` on the same global batches: (final state dict, clip flags).
+
+    ``skipped_steps``: optimiser steps whose batch is dropped (what a DeepSpeed overflow skip must equal).
+    """
+    model = tiny_model(family)
+    optimizer = OrthoAdam(model.named_parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                          rotation=ROTATION, seed=SEED)
+    clipped = []
+    for step in range(steps):
+        if step in skipped_steps:
+            continue
+        micro_batches = [micro_batch(step, m, r) for r in range(WORLD_SIZE) for m in range(GRAD_ACCUM)]
+        loss = sum(loss_of(model, tokens) for tokens in micro_batches) / len(micro_batches)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        clipped.append(bool(norm > CLIP))
+        optimizer.step()
+        optimizer.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, clipped
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

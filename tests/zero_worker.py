@@ -1,0 +1,96 @@
+"""2-rank worker for tests/test_zero_orthoadam.py (run with ``deepspeed --num_gpus 2 tests/zero_worker.py``).
+
+Runs several cases in one launch (DeepSpeed start-up dominates on CPU). A case is
+``family:stage:precision:optimizer[:option]`` with option ``save10`` (checkpoint at step 10, run on to 20),
+``resume10`` (load that checkpoint in this new process, run steps 10..19) or ``overflow7`` (an inf loss on rank 0
+at step 7: DeepSpeed must skip the step). Rank 0 writes ``<out>/<case>.pt`` with the final real weights and facts
+the test checks (clipping, skipped steps, memory, state around the skipped step).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import deepspeed
+import torch
+import deepspeed.comm as dist
+from deepspeed.utils import safe_get_full_optimizer_state
+
+import ds_orthoadam
+from ds_orthoadam import ds_internals
+from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, tiny_model
+
+
+def snapshot(engine) -> dict:
+    """Everything a skipped step must leave unchanged: module weights, fp32 master, moments and step counts."""
+    inner = ds_internals.inner_optimizer(engine)
+    return {
+        "module": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+        "master": [p.detach().clone() for group in inner.param_groups for p in group["params"]],
+        "state": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for s in inner.state.values()],
+        "exp_avg_full": {n: safe_get_full_optimizer_state(p, "exp_avg").clone()
+                         for n, p in engine.module.named_parameters()},
+    }
+
+
+def run_case(case: str, out_dir: str, rank: int) -> None:
+    family, stage, precision, optimizer, *option = case.split(":")
+    option = option[0] if option else ""
+    model = tiny_model(family)
+    config = ds_config(int(stage), optimizer, bf16=precision == "bf16")
+    engine, _, _, _ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
+    checkpoint_dir = os.path.join(out_dir, f"ckpt-{family}")
+    first_step, facts = 0, {"grad_norms": [], "skipped_steps": 0}
+    if option == "resume10":
+        load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag="step10")
+        assert load_path is not None, checkpoint_dir
+        first_step = client_state["next_step"]
+        facts["client_state"] = client_state
+    for step in range(first_step, STEPS):
+        if option == "save10" and step == 10:
+            engine.save_checkpoint(checkpoint_dir, tag="step10", client_state={"next_step": 10})
+            facts["weights_at_save"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        overflow = option == "overflow7" and step == 7
+        if overflow:
+            facts["before_skip"] = snapshot(engine)
+        for micro in range(GRAD_ACCUM):
+            loss = loss_of(engine, micro_batch(step, micro, rank).to(engine.device))
+            if overflow and rank == 0 and micro == 1:
+                loss = loss * float("inf")
+            engine.backward(loss)
+            engine.step()
+        if overflow:
+            facts["after_skip"] = snapshot(engine)
+            facts["step_applied_at_skip"] = engine.was_step_applied()
+        facts["grad_norms"].append(float(engine.get_global_grad_norm()))
+    facts["skipped_steps"] = engine.skipped_steps
+    inner = ds_internals.inner_optimizer(engine)
+    facts["moment_bytes_this_rank"] = sum(v.numel() * v.element_size() for s in inner.state.values()
+                                          for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    facts["param_numel"] = sum(p.numel() for p in engine.module.parameters())
+    facts["rotation_nbytes"] = getattr(getattr(engine, "orthoadam_frame", None), "nbytes", 0)
+    facts["final"] = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    all_moment_bytes = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(all_moment_bytes, facts["moment_bytes_this_rank"])
+    facts["moment_bytes_per_rank"] = all_moment_bytes
+    if rank == 0:
+        torch.save(facts, os.path.join(out_dir, f"{case.replace(':', '_')}.pt"))
+    dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", nargs="+", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    ds_internals.skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="gloo")
+    for case in args.cases:
+        run_case(case, args.out, dist.get_rank())
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
