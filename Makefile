@@ -8,7 +8,7 @@ PY           := $(VENV)/bin/python
 TORCH_SPEC   ?= torch==2.13.0
 OFFLINE_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test
+.PHONY: setup test analyze
 
 ## setup: create .venv with torch ($(TORCH_SPEC)) and this package in editable mode (idempotent)
 setup: $(VENV)/.installed
@@ -38,15 +38,15 @@ tokenizer: demo-data
 
 # ---------------------------------------------------------------------------------------------- training (issue 6)
 # make train-<model> [ATTN=softmax|softmax1] [OPT=adamw|orthoadam] [NUM_GPUS=8] [HOSTFILE=launch/hostfile
-#   MASTER_ADDR=node1] [DATA=c4] [TOKENIZER=...] [RUN_DIR=...] [TRAIN_ARGS="--resume auto ..."]
+#   MASTER_ADDR=node1] [TRAIN_DATA=c4] [TRAIN_TOKENIZER=...] [RUN_DIR=...] [TRAIN_ARGS="--resume auto ..."]
 # The paper's four variants: ATTN=softmax OPT=adamw (baseline), ATTN=softmax1 OPT=adamw, ATTN=softmax
 # OPT=orthoadam, ATTN=softmax1 OPT=orthoadam (default).
 TRAIN_MODELS := gpt2-60m gpt2-130m gpt2-350m gpt2-1.4b llama-60m llama-130m llama-350m llama-1.4b
 ATTN         ?= softmax1
 OPT          ?= orthoadam
 NUM_GPUS     ?= 8
-DATA         ?= c4
-TOKENIZER    ?= data/c4/tokenizer
+TRAIN_DATA      ?= c4
+TRAIN_TOKENIZER ?= data/c4/tokenizer
 RUN_ROOT     ?= runs
 TRAIN_ARGS   ?=
 TRAIN_LAUNCH  = $(if $(HOSTFILE),launch/train_multi_node.sh,launch/train_single_node.sh)
@@ -56,7 +56,7 @@ TRAIN_LAUNCH  = $(if $(HOSTFILE),launch/train_multi_node.sh,launch/train_single_
 ## train-<model>: pre-train one model size on this node (or on HOSTFILE's nodes), e.g. make train-llama-130m
 $(addprefix train-,$(TRAIN_MODELS)): train-%: setup
 	NUM_GPUS=$(NUM_GPUS) VENV=$(VENV) $(TRAIN_LAUNCH) $* --attention $(ATTN) --optimizer $(OPT) \
-	  --data $(DATA) --tokenizer $(TOKENIZER) \
+	  --data $(TRAIN_DATA) --tokenizer $(TRAIN_TOKENIZER) \
 	  --output-dir $(or $(RUN_DIR),$(RUN_ROOT)/$*-$(ATTN)-$(OPT)) $(TRAIN_ARGS)
 
 ## tensorboard: serve every run's TensorBoard logs under RUN_ROOT (default runs/) on port TB_PORT (6006)
@@ -67,3 +67,15 @@ tensorboard: setup
 ## demo: 2-rank CPU pre-training of llama-tiny (softmax-1 + OrthoAdam) on the demo corpus, evaluation, export
 demo: setup demo-data tokenizer
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m ds_orthoadam.demo --output-dir $(RUN_ROOT)/demo
+
+## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
+MODEL       ?=
+DATA        ?=
+SAMPLES     ?= 1000
+OUT         ?= analysis
+ANALYZE_ARGS ?=
+analyze: setup
+	@test -n "$(MODEL)" || { echo 'usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR]'; exit 2; }
+	@test -n "$(DATA)" || { echo 'usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR]'; exit 2; }
+	$(OFFLINE_ENV) $(VENV)/bin/ds-orthoadam-analyze $(foreach m,$(MODEL),--model $(m)) --data $(DATA) \
+		--samples $(SAMPLES) --out $(OUT) $(ANALYZE_ARGS)

@@ -32,5 +32,6 @@ setup(
         "ds-orthoadam-demo-data=ds_orthoadam.data.demo_corpus:main",
         "ds-orthoadam-tokenizer=ds_orthoadam.data.tokenizer:main",
         "ds-orthoadam-pretokenize=ds_orthoadam.data.pretokenize:main",
+        "ds-orthoadam-analyze=ds_orthoadam.analysis.cli:main",
     ]},
 )

@@ -1,0 +1,58 @@
+"""Load any local Hugging Face causal LM directory (and its tokenizer) for analysis, with clear errors."""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+import ds_orthoadam  # noqa: F401  (registers softmax-1 attention and our model classes before loading)
+from ds_orthoadam.analysis.errors import AnalysisInputError
+from ds_orthoadam.data import TokenizerError, check_vocab_fits, load_tokenizer
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_directory(path: str) -> None:
+    """Fail fast (before any long analysis starts) on a missing path or a directory without config.json."""
+    if not os.path.exists(path):
+        raise AnalysisInputError(f"model directory {path} does not exist; pass a saved Hugging Face model directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise AnalysisInputError(
+            f"{path} is not a Hugging Face model directory (no config.json); pass a directory written by "
+            "save_pretrained or by our exporter"
+        )
+
+
+def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
+    """The model in directory ``path`` (weights in their saved dtype unless ``dtype`` says otherwise), in eval mode."""
+    check_model_directory(path)
+    if dtype not in DTYPES:
+        raise AnalysisInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise AnalysisInputError(f"{path}/config.json is not a readable transformers config: {error}") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=DTYPES[dtype])
+    except ValueError as error:
+        raise AnalysisInputError(
+            f"{path} holds a {config.model_type!r} model, which is not a causal language model "
+            f"(AutoModelForCausalLM cannot load it: {str(error).splitlines()[0]}); pass a causal LM directory"
+        ) from error
+    except OSError as error:
+        raise AnalysisInputError(f"cannot load model weights from {path}: {error}") from error
+    return model.to(device).eval()
+
+
+def load_matching_tokenizer(model: PreTrainedModel, path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``path``, refused if it produces ids the model's embedding cannot look up."""
+    tokenizer = load_tokenizer(path)
+    try:
+        check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
+    except TokenizerError as error:
+        raise AnalysisInputError(
+            f"tokenizer {path} does not belong to this model: {error}; to analyse, pass the model's own tokenizer "
+            "with --tokenizer"
+        ) from error
+    return tokenizer

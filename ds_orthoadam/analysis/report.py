@@ -1,0 +1,140 @@
+"""Write the analysis of several models as one JSON file (every number) and one Markdown report (paper layout)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+from ds_orthoadam.analysis.quantize import QuantScheme
+
+FULL_PRECISION_NOTE = (
+    "Quantised: every nn.Linear / GPT2 Conv1D except the LM head (attention q/k/v/o and MLP projections). "
+    "Full precision: token/position embeddings, LM head, norms, biases, attention scores and weighted sums, "
+    "residual additions. W8A8 weights are 8-bit absmax per output channel; activations (inputs of the quantised "
+    "layers) are 8-bit absmax with a dynamic scale per forward call (per-tensor) or per token."
+)
+DEFINITIONS_NOTE = (
+    "First-token share: fraction of (query, head) pairs whose largest attention weight is on the first token "
+    "(strictly larger than on any other token); the first query, which can only see itself, is excluded. Mass: mean "
+    "attention weight on the first token over the same pairs. Kurtosis: Pearson (Gaussian = 3) over the hidden "
+    "dimension of each block output, per token, averaged over tokens and then layers; excess = Pearson - 3. max|X|: "
+    "max over channels per token, averaged over tokens and layers. Penalty: quantised minus full-precision perplexity."
+)
+
+
+def _number(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if abs(value) >= 1e5:
+        return f"{value:.3g}"
+    return f"{value:,.{digits}f}"
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def outlier_table(models: Sequence[dict]) -> list[str]:
+    header = ["Model", "First-token share", "First-token mass", "Kurtosis first", "Kurtosis rest",
+              "Excess kurt. first", "Excess kurt. rest", "max|X| first", "max|X| rest", "PPL"]
+    rows = []
+    for entry in models:
+        m = entry["metrics"]
+        rows.append([entry["label"], _percent(m["first_token_share"]), _percent(m["first_token_attention_mass"]),
+                     _number(m["kurtosis_first"]), _number(m["kurtosis_rest"]), _number(m["excess_kurtosis_first"]),
+                     _number(m["excess_kurtosis_rest"]), _number(m["max_abs_first"]), _number(m["max_abs_rest"]),
+                     _number(entry["perplexity"])])
+    return _table(header, rows)
+
+
+def weight_only_table(models: Sequence[dict]) -> list[str]:
+    """One row per (model, weight quantiser); ppl and penalty per bit width."""
+    bit_widths = sorted({r["bits"] for e in models for r in e["quantization"] if r["activations"] is None}, reverse=True)
+    header = ["Model", "Weights"] + [f"W{bits} {column}" for bits in bit_widths for column in ("PPL", "penalty")]
+    rows = []
+    for entry in models:
+        results = [r for r in entry["quantization"] if r["activations"] is None]
+        for label in dict.fromkeys(r["weights"] for r in results):
+            by_bits = {r["bits"]: r for r in results if r["weights"] == label}
+            cells = []
+            for bits in bit_widths:
+                result = by_bits.get(bits)
+                cells += [_number(result["perplexity"]), f"{result['penalty']:+.2f}"] if result else ["", ""]
+            rows.append([entry["label"], label] + cells)
+    return _table(header, rows)
+
+
+def activation_table(models: Sequence[dict]) -> list[str]:
+    header = ["Model", "Scheme", "Activations", "PPL", "Penalty"]
+    rows = [[e["label"], r["family"], f"per-{r['activations']}", _number(r["perplexity"]), f"{r['penalty']:+.2f}"]
+            for e in models for r in e["quantization"] if r["activations"] is not None]
+    return _table(header, rows)
+
+
+def per_layer_table(entry: dict) -> list[str]:
+    layers = entry["per_layer"]
+    header = ["Layer", "First-token share", "Mass", "Kurtosis first", "Kurtosis rest", "max|X| first", "max|X| rest"]
+    rows = [[str(i), _percent(layers["first_token_share"][i]), _percent(layers["first_token_attention_mass"][i]),
+             _number(layers["kurtosis_first"][i]), _number(layers["kurtosis_rest"][i]),
+             _number(layers["max_abs_first"][i]), _number(layers["max_abs_rest"][i])]
+            for i in range(entry["model"]["layers"])]
+    return _table(header, rows)
+
+
+def markdown_report(report: dict, plots: Sequence[str]) -> str:
+    models = report["models"]
+    settings = report["settings"]
+    lines = ["# Outlier and quantisation analysis", "",
+             f"Data: `{settings['data']}`, {settings['samples']} documents, sequence length {settings['seq_len']}.", ""]
+    for entry in models:
+        d = entry["data"]
+        lines.append(f"- **{entry['label']}** (`{entry['path']}`, {entry['model']['class']}, attention "
+                     f"`{entry['model']['attention_implementation']}`): {d['sequences']} sequences, "
+                     f"{d['predicted_tokens']} predicted tokens, first token is BOS in "
+                     f"{_percent(d['first_token_is_bos_fraction'])} of sequences.")
+    lines += ["", "## Attention sinks and outlier activations", ""] + outlier_table(models)
+    lines += ["", DEFINITIONS_NOTE, ""]
+    if any(e["quantization"] for e in models):
+        lines += ["## Quantisation (round-to-nearest)", "", "### Weight-only", ""] + weight_only_table(models)
+        if any(r["activations"] for e in models for r in e["quantization"]):
+            lines += ["", "### Weights and activations", ""] + activation_table(models)
+        lines += ["", FULL_PRECISION_NOTE, ""]
+    lines += ["## Per layer", ""]
+    for entry in models:
+        lines += [f"### {entry['label']}", ""] + per_layer_table(entry) + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def report_settings(data: str, samples: int, seq_len: int, batch_size: int, schemes: Sequence[QuantScheme]) -> dict:
+    return {"data": data, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+            "quantization_schemes": [scheme.name for scheme in schemes],
+            "full_precision": FULL_PRECISION_NOTE, "definitions": DEFINITIONS_NOTE}
+
+
+def json_safe(value):
+    """``value`` with NaN / infinity replaced by None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_report(out_dir: str, report: dict, plots: Sequence[str]) -> tuple[str, str]:
+    """Write ``analysis.json`` and ``report.md`` into ``out_dir``; returns their paths."""
+    json_path, markdown_path = os.path.join(out_dir, "analysis.json"), os.path.join(out_dir, "report.md")
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(json_safe(report), handle, indent=2, allow_nan=False)
+    with open(markdown_path, "w", encoding="utf-8") as handle:
+        handle.write(markdown_report(report, plots))
+    return json_path, markdown_path

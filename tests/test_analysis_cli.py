@@ -1,0 +1,133 @@
+"""ds-orthoadam-analyze end to end on saved tiny model directories, perplexity against transformers' loss, bad input."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import matplotlib.image
+import pytest
+import torch
+from transformers import DistilBertConfig
+
+from ds_orthoadam.analysis.cli import main
+from ds_orthoadam.analysis.loading import load_causal_lm, load_matching_tokenizer
+from ds_orthoadam.analysis.perplexity import perplexity
+from ds_orthoadam.data import resolve_source, validation_batches
+from tests.analysis_fixtures import save_tiny_model, write_corpus
+
+QUANT = "w8-sym-channel,w4-sym-channel,w4-asym-group128,w8a8-token"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    return {
+        "corpus": write_corpus(str(root / "data")),
+        "gpt2": save_tiny_model(str(root / "gpt2-softmax"), "gpt2-tiny", "softmax"),
+        "llama": save_tiny_model(str(root / "llama-softmax1"), "llama-tiny", "softmax1", seed=1),
+        "root": root,
+    }
+
+
+def _run(workspace, *extra, models=("gpt2", "llama"), data="dir", samples="12", out="out") -> int:
+    argv = []
+    for model in models:
+        argv += ["--model", workspace.get(model, model)]
+    argv += ["--data", workspace["corpus"].get(data, data), "--samples", samples, "--seq-len", "24",
+             "--batch-size", "4", "--out", str(workspace["root"] / out), *extra]
+    return main(argv)
+
+
+def test_cli_compares_two_models_in_json_markdown_and_plots(workspace):
+    assert _run(workspace, "--quant", QUANT) == 0
+    out = workspace["root"] / "out"
+    report = json.loads((out / "analysis.json").read_text())
+    labels = [entry["label"] for entry in report["models"]]
+    assert labels == ["gpt2-softmax", "llama-softmax1"]
+    for entry in report["models"]:
+        layers = entry["model"]["layers"]
+        assert all(len(values) == layers for values in entry["per_layer"].values())
+        metrics = entry["metrics"]
+        assert 0.0 <= metrics["first_token_share"] <= 1.0
+        assert metrics["excess_kurtosis_rest"] == pytest.approx(metrics["kurtosis_rest"] - 3.0)
+        assert metrics["max_abs_rest"] == pytest.approx(sum(entry["per_layer"]["max_abs_rest"]) / layers)
+        assert entry["data"]["first_token_is_bos_fraction"] == 1.0
+        assert [r["scheme"] for r in entry["quantization"]] == QUANT.split(",")
+        for result in entry["quantization"]:
+            assert result["penalty"] == pytest.approx(result["perplexity"] - entry["perplexity"])
+    assert report["models"][1]["model"]["attention_implementation"] == "softmax1"  # analysed as softmax-1
+
+    markdown = (out / "report.md").read_text()
+    for label in labels:
+        assert f"| {label} | sym-channel |" in markdown and f"| {label} | W8A8 | per-token |" in markdown
+    for plot in ("first_token_share", "kurtosis", "max_activation", "attention_maps", "activation_map",
+                 "perplexity_vs_bits"):
+        assert f"({plot}.png)" in markdown
+        assert matplotlib.image.imread(out / f"{plot}.png").ndim == 3
+
+
+def test_reported_perplexity_matches_transformers_loss(workspace):
+    out = workspace["root"] / "txt"
+    assert _run(workspace, "--quant", "none", "--mode", "pad", models=("llama",), data="txt", out="txt") == 0
+    reported = json.loads((out / "analysis.json").read_text())["models"][0]["perplexity"]
+    model = load_causal_lm(workspace["llama"])
+    tokenizer = load_matching_tokenizer(model, workspace["llama"])
+    batches = validation_batches(resolve_source(workspace["corpus"]["txt"], "validation"), tokenizer, 24, 4, 12,
+                                 mode="pad")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+            predicted = int((labels[:, 1:] != -100).sum())
+            total, count = total + float(loss) * predicted, count + predicted
+    assert reported == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert perplexity(model, batches) == pytest.approx(reported, rel=1e-6)
+    assert any("attention_mask" in batch and batch["attention_mask"].sum() < batch["attention_mask"].numel()
+               for batch in batches)  # padding really occurred
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_missing_model_directory_fails_before_any_model_is_analysed(workspace, capsys):
+    assert _run(workspace, models=("gpt2", "/nonexistent/model"), out="missing") == 2
+    assert "model directory /nonexistent/model does not exist" in _error(capsys)
+    assert not (workspace["root"] / "missing").exists()
+
+
+def test_directory_without_config_and_non_causal_model(workspace, capsys):
+    empty = workspace["root"] / "empty"
+    empty.mkdir()
+    assert _run(workspace, models=(str(empty),)) == 2
+    assert "no config.json" in _error(capsys)
+    encoder = workspace["root"] / "distilbert"
+    DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2).save_pretrained(encoder)
+    assert _run(workspace, models=(str(encoder),)) == 2
+    assert "not a causal language model" in _error(capsys)
+
+
+def test_zero_samples(workspace, capsys):
+    assert _run(workspace, samples="0") == 2
+    assert "--samples must be at least 1" in _error(capsys)
+
+
+def test_tokenizer_model_vocabulary_mismatch(workspace, capsys):
+    mismatched = save_tiny_model(str(workspace["root"] / "mismatch"), "llama-tiny", "softmax", tokenizer_words=200)
+    assert _run(workspace, models=(mismatched,)) == 2
+    message = _error(capsys)
+    assert "vocabulary holds 96" in message and "does not belong to this model" in message and "--tokenizer" in message
+
+
+def test_bad_data_and_options(workspace, capsys):
+    assert _run(workspace, data=str(workspace["root"] / "nothing.json.gz")) == 2
+    assert "no such file" in _error(capsys)
+    assert _run(workspace, "--seq-len", "500") == 2
+    assert "exceeds the 64 positions" in _error(capsys)
+    assert _run(workspace, "--quant", "w5-sym-tensor") == 2
+    assert "valid schemes" in _error(capsys)
+    assert _run(workspace, "--map-layer", "9", "--quant", "none") == 2
+    assert "map layer 9 does not exist" in _error(capsys)
+    assert not os.path.exists(workspace["root"] / "out" / "nothing")
