@@ -20,29 +20,24 @@ import sys
 from pathlib import Path
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 and the single-scale-norm model classes)
 from ds_orthoadam.checkpointing import CHECKPOINT_SUBDIR, RUN_FILE, CheckpointManager
 from ds_orthoadam.data import DataError, load_tokenizer
 from ds_orthoadam.models import build_config
+from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
 
 
 class ExportError(RuntimeError):
     """A run directory or checkpoint that cannot be exported; the message says why."""
 
 
-def fp32_state_dict(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
-    """The model's real fp32 weights from a ZeRO checkpoint (DeepSpeed's zero_to_fp32 reconstruction)."""
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-
-
 def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str, config: PreTrainedConfig, tokenizer,
                       out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, tokenizer files) from checkpoint ``tag``."""
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state_dict = fp32_state_dict(checkpoint_dir, tag)
+    state_dict = export_fp32_state_dict(str(checkpoint_dir), tag)  # real theta, also for OrthoAdam's rotated frame
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [name for name in missing if name not in _tied_names(model)]
     if missing or unexpected:

@@ -29,10 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ds_orthoadam.analysis.metrics import outlier_metrics
+
 TRAIN_TAGS = ("Train/loss", "Train/lr", "Train/grad_norm", "Perf/tokens_per_s", "Perf/tflops", "Perf/mfu")
 FP16_TAGS = ("Train/loss_scale", "Train/skipped_steps")
 VALIDATION_TAGS = ("Val/loss", "Val/ppl")
 OUTLIER_PREFIX = "Outliers/"
+HEADLINE_OUTLIER_METRICS = ("first_token_share", "kurtosis_first", "kurtosis_rest", "max_abs_first", "max_abs_rest")
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -126,17 +129,11 @@ class Telemetry:
         return scalars
 
     def outliers(self, step: int, model: nn.Module, probe_ids: torch.Tensor) -> dict[str, float]:
-        """Outlier telemetry on the fixed probe batch (rank 0 only; the model is left in training mode)."""
+        """Outlier telemetry on the fixed probe batch (rank 0 only; other ranks go on to the next collective)."""
         if not self.is_rank0:
             return {}
-        from ds_orthoadam.analysis.metrics import outlier_metrics  # owned by the analysis area
-
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            metrics = outlier_metrics(model, probe_ids)
-        model.train(was_training)
+        metrics = outlier_metrics(model, probe_ids)  # restores train mode and attention implementation itself
         self._write(step, {OUTLIER_PREFIX + name: float(value) for name, value in metrics.items()})
-        headline = ", ".join(f"{name} {value:.3g}" for name, value in metrics.items() if "layer" not in name)
+        headline = ", ".join(f"{name} {metrics[name]:.3g}" for name in HEADLINE_OUTLIER_METRICS)
         self.print(f"step {step:>6}/{self.total_steps} | outliers: {headline}")
         return metrics

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-import ds_orthoadam  # noqa: F401  (registers softmax-1 with transformers)
+import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
 from ds_orthoadam import run_config
 from ds_orthoadam.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
@@ -124,8 +124,9 @@ def compose_config(args: argparse.Namespace, world_size: int) -> dict:
 
 
 def initialize_engine(model: torch.nn.Module, ds_config: dict):
-    """The DeepSpeed engine for ``model``; the one place that chooses how the optimiser is resolved."""
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    """The DeepSpeed engine for ``model``: ``ds_orthoadam.initialize`` resolves ``"type": "OrthoAdam"`` and passes
+    every other optimiser name through to ``deepspeed.initialize``."""
+    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine
 
 

@@ -1,4 +1,4 @@
-"""End-to-end: the trainer on 2 CPU ranks through the deepspeed launcher (ZeRO-1, fp32), a few steps per run.
+"""End-to-end: the trainer on 2 CPU ranks through the deepspeed launcher (ZeRO-1, fp32, OrthoAdam), a few steps.
 
 One reference run is shared by most tests; a resumed run, an interrupted run and a diverging run are launched
 separately. The corpus is synthetic text from a seeded word-level Markov chain (learnable structure, no network).
@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import torch
 
 import ds_orthoadam  # noqa: F401
 from ds_orthoadam.checkpointing import COMPLETE_MARKER
+from ds_orthoadam.data import train_tokenizer
+from ds_orthoadam.demo import free_port
 from ds_orthoadam.models import build_model
 from ds_orthoadam.telemetry import TRAIN_TAGS, VALIDATION_TAGS
 
@@ -28,12 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 SEQ_LEN = 32
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _markov_text(seed: int, words: int) -> str:
@@ -49,23 +44,18 @@ def _markov_text(seed: int, words: int) -> str:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, str]:
-    import sentencepiece as spm
-
+    """Plain-text train/validation files (documents are blank-line separated paragraphs) and a BPE tokenizer."""
     root = tmp_path_factory.mktemp("corpus")
-    (root / "train.txt").write_text("\n".join(_markov_text(seed, 400) for seed in range(100)), encoding="utf-8")
-    (root / "val.txt").write_text("\n".join(_markov_text(seed, 400) for seed in range(100, 110)), encoding="utf-8")
-    tokenizer_dir = root / "tokenizer"
-    tokenizer_dir.mkdir()
-    spm.SentencePieceTrainer.train(
-        input=str(root / "train.txt"), model_prefix=str(tokenizer_dir / "tokenizer"), vocab_size=384, model_type="bpe",
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
-    return {"train": str(root / "train.txt"), "val": str(root / "val.txt"), "tokenizer": str(tokenizer_dir)}
+    train_documents = [_markov_text(seed, 400) for seed in range(100)]
+    (root / "train.txt").write_text("\n\n".join(train_documents), encoding="utf-8")
+    (root / "val.txt").write_text("\n\n".join(_markov_text(seed, 400) for seed in range(100, 110)), encoding="utf-8")
+    train_tokenizer(train_documents, str(root / "tokenizer"), vocab_size=384)
+    return {"train": str(root / "train.txt"), "val": str(root / "val.txt"), "tokenizer": str(root / "tokenizer")}
 
 
 def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True):
     """Run ds_orthoadam.train on 2 CPU ranks with the deepspeed launcher (in its own session, like a terminal)."""
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                "ds_orthoadam.train", "--model", "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"],
                "--tokenizer", corpus["tokenizer"], "--seq-len", str(SEQ_LEN), "--val-samples", "8",
                "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4",
@@ -93,7 +83,8 @@ def complete_tags(run_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference_run(corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    returncode, output = launch(corpus, run_dir, "--train-steps", str(STEPS), "--checkpoint-every", "2",
+    returncode, output = launch(corpus, run_dir, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
+                                "--checkpoint-every", "2",
                                 "--keep-checkpoints", "2", "--log-every", "1", "--eval-every", "3",
                                 "--outlier-every", "3")
     assert returncode == 0, output
@@ -117,8 +108,8 @@ def test_resume_continues_with_identical_losses(reference_run, corpus, tmp_path)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(reference_run / "run.json", resumed / "run.json")
     shutil.copytree(reference_run / "checkpoints" / "global_step4", resumed / "checkpoints" / "global_step4")
-    returncode, output = launch(corpus, resumed, "--train-steps", str(STEPS), "--resume", "auto", "--no-export",
-                                "--outlier-every", "0")
+    returncode, output = launch(corpus, resumed, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
+                                "--resume", "auto", "--no-export", "--outlier-every", "0")
     assert returncode == 0, output
     assert "resumed from" in output and "global_step4 at step 4" in output
     continued = losses(resumed)
@@ -145,7 +136,8 @@ def test_export_reloads_with_identical_logits(reference_run, corpus):
 
     exported = AutoModelForCausalLM.from_pretrained(reference_run / "hf").eval()
     assert exported.config._attn_implementation == "softmax1"
-    # Second path to the same weights: the module state DeepSpeed stored in the final checkpoint.
+    # Second path to the same weights: the module state DeepSpeed stored in the final checkpoint (the export reads the
+    # fp32 master partitions, which OrthoAdam keeps in its rotated frame, and rotates them back).
     run = json.loads((reference_run / "run.json").read_text())
     reference = build_model(**run["model_args"]).eval()
     states = torch.load(reference_run / "checkpoints" / "global_step6" / "mp_rank_00_model_states.pt",
