@@ -145,8 +145,8 @@ class CheckpointManager:
                 raise CheckpointError(f"{self.output_dir} holds checkpoints of another run ({listed}); choose a new "
                                       "--output-dir or repeat the original run's settings to resume it")
             if resume == "none":
-                raise CheckpointError(f"{self.output_dir} already holds checkpoints ({self.latest_complete_tag()} is the "
-                                      "newest complete one); pass --resume auto to continue it or choose a new "
+                raise CheckpointError(f"{self.output_dir} already holds checkpoints ({self.latest_complete_tag()} is "
+                                      "the newest complete one); pass --resume auto to continue it or choose a new "
                                       "--output-dir")
         tag = self._resume_tag(resume)
         _barrier()  # everyone has read the directory before rank 0 changes it

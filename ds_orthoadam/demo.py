@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -48,9 +49,10 @@ def unigram_entropy(batches) -> float:
 
 def training_command(args: argparse.Namespace) -> list[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
+    validation = ["--val-data", args.val_data] if args.val_data else []
     return [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_orthoadam.train",
             "--model", DEMO_MODEL, "--attention", "softmax1", "--optimizer", "orthoadam",
-            "--data", args.data, "--tokenizer", args.tokenizer, *(["--val-data", args.val_data] if args.val_data else []),
+            "--data", args.data, "--tokenizer", args.tokenizer, *validation,
             "--seq-len", str(args.seq_len), "--train-steps", str(args.steps),
             "--set", f"scheduler.params.total_num_steps={args.steps}",
             "--log-every", "20", "--eval-every", "100", "--outlier-every", "100", "--checkpoint-every", "100",
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-samples", type=int, default=33, help="validation documents (the demo corpus has 33)")
     args = parser.parse_args(argv)
 
+    started = time.perf_counter()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print("$ " + " ".join(training_command(args)), flush=True)
@@ -112,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             ("validation loss (nats/token)", f"{val_loss:.3f}"),
             ("validation perplexity", f"{scalars['Val/ppl']:.1f}"),
             ("unigram entropy of the training tokens (nats)", f"{entropy:.3f}")]
-    rows += [(f"{name} (exported model, validation batch)", f"{outliers[name]:.3f}") for name in HEADLINE_OUTLIER_METRICS]
+    rows += [(f"{name} (exported model, validation batch)", f"{outliers[name]:.3f}")
+             for name in HEADLINE_OUTLIER_METRICS]
     print("\n" + summary_table(rows) + "\n")
     print(f"TensorBoard logs: {args.output_dir / 'tensorboard'}   (make tensorboard RUN_ROOT={args.output_dir.parent})")
     print(f"Hugging Face export: {args.output_dir / 'hf'}")
+    print(f"demo took {(time.perf_counter() - started) / 60:.1f} minutes")
     if val_loss >= entropy - 0.5:
         print(f"demo: validation loss {val_loss:.3f} is not clearly below the unigram entropy {entropy:.3f}",
               file=sys.stderr)

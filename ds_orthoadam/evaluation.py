@@ -7,7 +7,7 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-IGNORE_INDEX = -100
+from ds_orthoadam.data import IGNORE_INDEX
 
 
 def causal_lm_inputs(batch: Mapping[str, torch.Tensor] | torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:

@@ -125,7 +125,8 @@ class Telemetry:
     def validation(self, step: int, loss: float) -> dict[str, float]:
         scalars = {"Val/loss": loss, "Val/ppl": math.exp(min(loss, 50.0))}
         self._write(step, scalars)
-        self.print(f"step {step:>6}/{self.total_steps} | validation loss {loss:.4f} | perplexity {scalars['Val/ppl']:.2f}")
+        self.print(f"step {step:>6}/{self.total_steps} | validation loss {loss:.4f} | "
+                   f"perplexity {scalars['Val/ppl']:.2f}")
         return scalars
 
     def outliers(self, step: int, model: nn.Module, probe_ids: torch.Tensor) -> dict[str, float]:

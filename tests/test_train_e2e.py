@@ -33,7 +33,8 @@ STEPS = 6
 
 def _markov_text(seed: int, words: int) -> str:
     rng = random.Random(seed)
-    vocabulary = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po") for b in ("n", "s", "t", "la", "")]
+    syllables, endings = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po"), ("n", "s", "t", "la", "")
+    vocabulary = [start + end for start in syllables for end in endings]
     successors = {w: rng.sample(vocabulary, 3) for w in vocabulary}
     word, out = vocabulary[0], []
     for i in range(words):
@@ -178,3 +179,18 @@ def test_non_finite_loss_stops_without_saving_it(corpus, tmp_path):
     last_finite = max(losses(run_dir))  # the non-finite loss is reported, not recorded
     assert f"at step {last_finite + 1}:" in output
     assert complete_tags(run_dir) == sorted(f"global_step{step}" for step in range(1, last_finite + 1))
+
+
+def test_on_demand_export_of_an_older_checkpoint(reference_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ds_orthoadam import export
+
+    assert export.main(["--run-dir", str(reference_run), "--out", str(tmp_path / "latest")]) == 0
+    final, again = (load_file(d / "model.safetensors") for d in (reference_run / "hf", tmp_path / "latest"))
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    assert export.main(["--run-dir", str(reference_run), "--tag", "global_step4", "--out", str(tmp_path / "s4")]) == 0
+    older = load_file(tmp_path / "s4" / "model.safetensors")
+    assert any(not torch.equal(final[k], older[k]) for k in final)
+    assert export.main(["--run-dir", str(reference_run), "--tag", "global_step2", "--out", str(tmp_path / "x")]) == 2
+    assert "no complete checkpoint global_step2" in capsys.readouterr().err
