@@ -81,9 +81,12 @@ def corpus_unigram_entropy(args: argparse.Namespace) -> float:
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join([f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-                     + [f"| {name:<{width}} | {value} |" for name, value in rows])
+    """A Markdown table of (metric, value) rows, padded so that it also reads well as plain text."""
+    name_width = max(len(name) for name, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    lines = [f"| {'metric':<{name_width}} | {'value':<{value_width}} |",
+             f"|{'-' * (name_width + 2)}|{'-' * (value_width + 2)}|"]
+    return "\n".join(lines + [f"| {name:<{name_width}} | {value:<{value_width}} |" for name, value in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

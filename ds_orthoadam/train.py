@@ -304,6 +304,16 @@ def quiet_other_ranks(rank: int) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def single_process_defaults() -> None:
+    """Let a plain ``python -m ds_orthoadam.train`` run as a world of one (DeepSpeed would look for MPI instead)."""
+    if "RANK" not in os.environ:
+        from ds_orthoadam.demo import free_port
+
+        defaults = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        for name, value in defaults.items():
+            os.environ.setdefault(name, value)
+
+
 def _fail(message: str, exit_code: int) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -312,7 +322,8 @@ def _fail(message: str, exit_code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    single_process_defaults()
+    world_size = int(os.environ["WORLD_SIZE"])
     try:
         ds_config = compose_config(args, world_size)
     except run_config.RunConfigError as error:

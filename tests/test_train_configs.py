@@ -96,6 +96,7 @@ def _train_main(capsys, monkeypatch, *extra: str, world_size: str = "2") -> tupl
     from ds_orthoadam.train import main
 
     monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")  # as under a launcher: no single-process defaults leak into os.environ
     try:
         status = main(["--data", "unused", "--tokenizer", "unused", "--output-dir", "unused", *extra])
     except SystemExit as exit_:  # argparse
