@@ -9,8 +9,8 @@ the wrong frame:
 1. which configurations keep a separate fp32 master copy that DeepSpeed writes back into the module's parameters
    (and all-gathers) at the end of every applied step (ZeRO 1/2, and the bf16/fp16 wrappers at stage 0);
 2. how to push the module's parameters into that master copy (``refresh_fp32_params``, used by DeepSpeed itself
-   for ``load_module_only``), and which configurations write the restored master back into the module at the end
-   of a full ``load_checkpoint`` (ZeRO 1/2; the stage-0 wrappers leave the checkpoint's module weights);
+   for ``load_module_only``); a full ``load_checkpoint`` restores the master from the checkpoint's fp32 weights
+   and the module from the checkpoint's module weights, without copying one into the other;
 3. that the inner optimiser of a ZeRO/bf16 wrapper is ``engine.optimizer.optimizer`` (for the memory report);
 4. the names DeepSpeed resolves for ``"optimizer": {"type": ...}`` (``DEEPSPEED_OPTIMIZERS`` or ``torch.optim``);
 5. the checkpoint layout read by the weight export: ``client_state`` is merged into ``mp_rank_00_model_states.pt``.
@@ -42,15 +42,6 @@ def optimizer_keeps_master_copy(engine: "deepspeed.DeepSpeedEngine") -> bool:
 def copy_module_params_into_master(engine: "deepspeed.DeepSpeedEngine") -> None:
     """Overwrite DeepSpeed's fp32 master weights with the module's current parameters (on every rank)."""
     engine.optimizer.refresh_fp32_params()
-
-
-def module_holds_master_after_full_load(engine: "deepspeed.DeepSpeedEngine") -> bool:
-    """True when ``load_checkpoint`` (with optimizer states) ends with the module holding the restored master.
-
-    ZeRO 1/2 restore the fp32 partitions and copy them into the module exactly as at the end of a step; the stage-0
-    bf16/fp16 wrappers restore their fp32 copies and leave the module weights loaded from the checkpoint.
-    """
-    return engine.zero_optimization_stage() >= 1
 
 
 def inner_optimizer(engine: "deepspeed.DeepSpeedEngine") -> torch.optim.Optimizer:

@@ -249,12 +249,15 @@ class OrthoAdamEngineHooks:
         original = getattr(self.engine, name)
         setattr(self.engine, name, functools.wraps(original)(functools.partial(replacement, original)))
 
+    @torch.no_grad()
     def _set_master_from_module(self) -> None:
-        """Master weights := Q theta (module left holding theta)."""
+        """Master weights := Q theta; the module keeps exactly theta (restored, not rotated back)."""
         if self.master_copy:
+            theta = [param.detach().clone() for param in self.frame.params.values()]
             self.frame.rotate_params_()
             ds_internals.copy_module_params_into_master(self.engine)
-            self.frame.unrotate_params_()
+            for param, real in zip(self.frame.params.values(), theta):
+                param.copy_(real)
 
     def step(self, original_step, *args, **kwargs):
         if not self.engine.is_gradient_accumulation_boundary():
@@ -270,21 +273,38 @@ class OrthoAdamEngineHooks:
         client_state = {**(client_state or {}), CLIENT_STATE_KEY: asdict(self.frame.spec)}
         return original_save(save_dir, tag=tag, client_state=client_state, **kwargs)
 
-    def load_checkpoint(self, original_load, load_dir, tag=None, **kwargs):
-        load_path, client_state = original_load(load_dir, tag=tag, **kwargs)
+    def load_checkpoint(self, original_load, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        module_only = load_module_only or not load_optimizer_states
+        load_path, client_state = original_load(
+            load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+            custom_load_fn=custom_load_fn)
         if load_path is None:
             return load_path, client_state
         saved = (client_state or {}).pop(CLIENT_STATE_KEY, None)
+        if saved is None and not module_only:
+            raise RotationMismatchError(
+                f"checkpoint {load_path} was not written by OrthoAdam (no rotation record), so its optimizer state "
+                "is in the real frame: load it with load_module_only=True to start OrthoAdam from its weights")
         if saved is not None and RotationSpec(**saved) != self.frame.spec:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was trained with OrthoAdam rotations {saved} but this engine uses "
                 f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim to the saved values")
-        module_only = kwargs.get("load_module_only", False) or not kwargs.get("load_optimizer_states", True)
+        # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
+        # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
         if module_only:
-            self._set_master_from_module()  # DeepSpeed refreshed the master from the (real-frame) module
-        elif ds_internals.module_holds_master_after_full_load(self.engine):
-            self.frame.unrotate_params_()  # exactly what follows a step: the resumed run stays bit-identical
+            self._set_master_from_module()
         return load_path, client_state
+
+
+def _parameter_ids(model_parameters: list) -> set[int]:
+    """ids of the parameters DeepSpeed will step (a list of tensors or of param-group dicts)."""
+    ids = set()
+    for entry in model_parameters:
+        group = entry["params"] if isinstance(entry, dict) else [entry]
+        ids.update(id(p) for p in group)
+    return ids
 
 
 def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
@@ -296,6 +316,8 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     (``optimizer`` must be None), rotations are keyed by ``model.named_parameters()`` names so the run equals
     single-process ``ds_orthoadam.OrthoAdam(model.named_parameters(), ...)``; ``engine.orthoadam_frame`` holds them.
     """
+    if config is None:
+        config = kwargs.pop("config_params", None)  # deepspeed.initialize's older name for config
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)
     if config is None:
@@ -311,9 +333,13 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # deepspeed.initialize refuses a config given twice
+    if model_parameters is not None:
+        model_parameters = list(model_parameters)  # read twice: by DeepSpeed and for the frame
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, model_parameters=model_parameters, config=ds_config, **kwargs)
-    frame = RotatedFrame(engine.module.named_parameters(), spec)
+    stepped = _parameter_ids(model_parameters) if model_parameters is not None else None
+    frame = RotatedFrame(((name, p) for name, p in engine.module.named_parameters()
+                          if stepped is None or id(p) in stepped), spec)
     engine.orthoadam_frame = frame
     engine.orthoadam_hooks = OrthoAdamEngineHooks(engine, frame)
     return engine, ds_optimizer, dataloader, scheduler
@@ -323,7 +349,8 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
     """The real fp32 weights theta of a ZeRO-1/2 OrthoAdam checkpoint (``zero_to_fp32`` gives the rotated phi).
 
     Works on the CPU, without DeepSpeed processes, from the checkpoint files alone: the rotations are regenerated
-    from the spec recorded in the checkpoint and the parameter names.
+    from the spec recorded in the checkpoint and the parameter names. (At ZeRO stage 0 there is no fp32 partition
+    file: the checkpoint's module weights, like ``engine.module.state_dict()``, are already theta.)
     """
     saved = ds_internals.checkpoint_client_state(checkpoint_dir, tag)
     phi = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)

@@ -6,16 +6,13 @@ AdamW, no ds_orthoadam wrapping), so each check isolates one fact.
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import deepspeed
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from ds_orthoadam import ds_internals
-from zero_harness import loss_of, micro_batch, tiny_model
+from zero_harness import init_single_rank_process_group, loss_of, micro_batch, tiny_model
 
 
 def _config(stage: int, bf16: bool = False) -> dict:
@@ -26,15 +23,7 @@ def _config(stage: int, bf16: bool = False) -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def single_rank_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ds_internals.skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
+    init_single_rank_process_group()
 
 
 def _engine(stage: int, bf16: bool = False):
@@ -73,25 +62,25 @@ def test_master_copy_is_written_back_into_module_after_step(stage, bf16):
 
 
 @pytest.mark.parametrize("stage, bf16", [(1, False), (2, True), (0, True)])
-def test_full_load_leaves_module_holding_master_only_under_zero(tmp_path, stage, bf16):
+def test_full_load_restores_module_and_master_each_from_its_own_copy(tmp_path, stage, bf16):
     engine = _engine(stage, bf16)
     _train_step(engine)
+    with torch.no_grad():  # make the module differ from the master, as under OrthoAdam (theta vs phi)
+        for p in engine.module.parameters():
+            p.mul_(-1.0)
     saved_module = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     saved_master = [m.detach().clone() for m in _master_values(engine)]
     engine.save_checkpoint(str(tmp_path), tag="t")
-    with torch.no_grad():  # module := something else, master := the module's checkpoint weights + 1
+    with torch.no_grad():
         for p in engine.module.parameters():
-            p.add_(1.0)
+            p.add_(0.5)
         ds_internals.copy_module_params_into_master(engine)
         for (name, p), master in zip(engine.module.named_parameters(), _master_values(engine)):
             assert torch.equal(master.to(p.dtype), p.detach()), name
-            p.copy_(saved_module[name] + 0.5)
     engine.load_checkpoint(str(tmp_path), tag="t")
-    holds_master = ds_internals.module_holds_master_after_full_load(engine)
-    assert holds_master == (stage >= 1)
     for (name, p), master, saved in zip(engine.module.named_parameters(), _master_values(engine), saved_master):
         assert torch.equal(master, saved), name
-        assert torch.equal(p.detach(), master.to(p.dtype) if holds_master else saved_module[name]), name
+        assert torch.equal(p.detach(), saved_module[name]), name
 
 
 def test_plain_fp32_stage0_steps_module_parameters_in_place():
