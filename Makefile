@@ -69,13 +69,9 @@ demo: setup demo-data tokenizer
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m ds_orthoadam.demo --output-dir $(RUN_ROOT)/demo
 
 ## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
-MODEL       ?=
-DATA        ?=
-SAMPLES     ?= 1000
-OUT         ?= analysis
-ANALYZE_ARGS ?=
+## (MODEL, DATA required; SAMPLES defaults to 1000, OUT to analysis; ANALYZE_ARGS adds options)
+ANALYZE_USAGE := usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR] [ANALYZE_ARGS=...]
 analyze: setup
-	@test -n "$(MODEL)" || { echo 'usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR]'; exit 2; }
-	@test -n "$(DATA)" || { echo 'usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR]'; exit 2; }
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo '$(ANALYZE_USAGE)'; exit 2; }
 	$(OFFLINE_ENV) $(VENV)/bin/ds-orthoadam-analyze $(foreach m,$(MODEL),--model $(m)) --data $(DATA) \
-		--samples $(SAMPLES) --out $(OUT) $(ANALYZE_ARGS)
+		--samples $(or $(SAMPLES),1000) --out $(or $(OUT),analysis) $(ANALYZE_ARGS)

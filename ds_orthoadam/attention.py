@@ -17,14 +17,15 @@ Three implementations are registered with ``transformers.AttentionInterface``:
 
 Every name is registered together with transformers' boolean SDPA mask function. Without a registered mask function
 transformers hands the attention function no mask at all and padding is silently lost. For a purely causal batch
-(no padding) that mask is ``None`` and the functions here apply causality themselves; the fused path then runs
-SDPA with ``is_causal`` (flash kernels, no mask tensor) by putting the sink in front of the keys.
+(no padding) that mask is ``None`` and the functions here apply causality themselves; the fused path then puts the
+sink in front of the keys and uses torch's bottom-right causal bias (flash kernels on GPUs, no mask tensor).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -119,16 +120,17 @@ def _sink_mask(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor |
 
 
 def _causal_sink_attention(query, key, value, dropout: float, scaling: float | None) -> torch.Tensor:
-    """Purely causal softmax-1 without any mask tensor, so SDPA can use its flash kernel.
+    """Purely causal softmax-1 without a mask tensor on GPUs (flash / memory-efficient kernels).
 
-    The zero sink goes *in front* of the keys and a dummy query in front of the queries; with ``is_causal`` real
-    query i (now at i + 1) sees the sink and keys 0..i. The dummy query's output row is dropped.
+    The zero sink goes *in front* of the keys; with a bottom-right-aligned causal bias query i then sees the sink and
+    keys 0..i. torch dispatches ``causal_lower_right`` to the flash kernel's native causal mode on CUDA; on CPU it
+    materialises one shared T x (T + 1) boolean mask.
     """
     front = (0, 0, 1, 0)
-    output = F.scaled_dot_product_attention(
-        F.pad(query, front), F.pad(key, front), F.pad(value, front), dropout_p=dropout, is_causal=True, scale=scaling
+    bias = causal_lower_right(query.shape[2], key.shape[2] + 1)
+    return F.scaled_dot_product_attention(
+        query, F.pad(key, front), F.pad(value, front), attn_mask=bias, dropout_p=dropout, scale=scaling
     )
-    return output[:, :, 1:]
 
 
 def softmax1_sdpa_attention(

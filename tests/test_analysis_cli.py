@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import matplotlib.image
 import pytest
@@ -59,12 +60,27 @@ def test_cli_compares_two_models_in_json_markdown_and_plots(workspace):
     assert report["models"][1]["model"]["attention_implementation"] == "softmax1"  # analysed as softmax-1
 
     markdown = (out / "report.md").read_text()
+    _assert_tables_are_rectangular(markdown)
     for label in labels:
         assert f"| {label} | sym-channel |" in markdown and f"| {label} | W8A8 | per-token |" in markdown
     for plot in ("first_token_share", "kurtosis", "max_activation", "attention_maps", "activation_map",
                  "perplexity_vs_bits"):
         assert f"({plot}.png)" in markdown
         assert matplotlib.image.imread(out / f"{plot}.png").ndim == 3
+
+
+def _assert_tables_are_rectangular(markdown: str) -> None:
+    """Every row of each Markdown table has as many cells as its header (a stray '|' would break it)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(len(re.findall(r"(?<!\\)\|", line)))
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) >= 4
+    for cells in tables:
+        assert len(set(cells)) == 1, cells
 
 
 def test_reported_perplexity_matches_transformers_loss(workspace):
@@ -107,6 +123,14 @@ def test_directory_without_config_and_non_causal_model(workspace, capsys):
     DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2).save_pretrained(encoder)
     assert _run(workspace, models=(str(encoder),)) == 2
     assert "not a causal language model" in _error(capsys)
+
+
+def test_model_directory_without_tokenizer_points_to_the_option(workspace, capsys):
+    bare = workspace["root"] / "no-tokenizer"
+    load_causal_lm(workspace["gpt2"]).save_pretrained(bare)
+    assert _run(workspace, models=(str(bare),)) == 2
+    assert "holds no tokenizer" in (message := _error(capsys)) and "--tokenizer" in message
+    assert _run(workspace, "--tokenizer", workspace["gpt2"], "--quant", "none", models=(str(bare),), out="bare") == 0
 
 
 def test_zero_samples(workspace, capsys):

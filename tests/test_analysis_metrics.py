@@ -167,7 +167,8 @@ def test_attention_hook_without_eager_path_explains_the_fix():
 
 def _live_tensor_bytes() -> int:
     gc.collect()
-    return sum(obj.numel() * obj.element_size() for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter))
+    tensors = [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def test_metric_pass_memory_does_not_grow_with_the_number_of_batches():

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("pack", "pad"), default="pack",
                         help="pack: BOS + a stream of documents per sequence; pad: one document per sequence")
     parser.add_argument("--quant", default="all", metavar="SCHEMES",
-                        help="'all' (default), 'none', or comma-separated scheme names, e.g. w4-sym-group128,w8a8-token")
+                        help="'all' (default), 'none', or comma-separated scheme names, "
+                             "e.g. w4-sym-group128,w8a8-token")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of group-wise schemes")
     parser.add_argument("--map-layer", type=int, help="layer of the attention/activation map plots (default: middle)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,14 +88,15 @@ def run(args: argparse.Namespace) -> str:
         check_model_directory(path)
     os.makedirs(args.out, exist_ok=True)
     entries, maps = [], []
-    report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, schemes),
+    report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, args.mode,
+                                           schemes),
               "models": entries}
     for path, label in zip(args.model, _labels(args.model)):
         model = load_causal_lm(path, args.device, args.dtype)
         _check_positions(model, args.seq_len, path)
         tokenizer = load_matching_tokenizer(model, args.tokenizer or path)
         batches = validation_batches(source, tokenizer, args.seq_len, args.batch_size, args.samples, mode=args.mode)
-        analysis = analyze_model(model, batches, schemes, args.map_layer, description=label)
+        analysis = analyze_model(model, batches, schemes, args.map_layer, label, tokenizer.bos_token_id)
         entries.append({"label": label, "path": os.path.abspath(path)} | analysis.record)
         maps.append(analysis.maps)
         write_report(args.out, report, [])  # keep finished models' numbers if a later model fails

@@ -99,19 +99,19 @@ class OutlierStatistics:
         """Accumulate kurtosis and max |X| of block ``layer``'s output [B, T, D]."""
         kurtosis = token_kurtosis(hidden)
         max_abs = hidden.detach().abs().amax(dim=-1).float()
-        for part, tokens in (("first", (slice(None), 0)), ("rest", (slice(None), slice(1, None)))):
-            mask = self._first if part == "first" else self._rest
-            kappa = kurtosis[tokens]
+        parts = (("first", kurtosis[:, 0], max_abs[:, 0], self._first),
+                 ("rest", kurtosis[:, 1:], max_abs[:, 1:], self._rest))
+        sums, peaks = self._sums, self._peaks
+        for part, kappa, token_max, mask in parts:
             defined = mask & ~kappa.isnan()
-            sums = self._sums
             sums[f"kurtosis_{part}"][layer] += torch.where(defined, kappa, 0.0).sum().double()
             sums[f"kurtosis_{part}_count"][layer] += defined.sum()
-            peak = max_abs[tokens]
-            sums[f"max_abs_{part}"][layer] += torch.where(mask, peak, 0.0).sum().double()
+            masked_max = torch.where(mask, token_max, 0.0)
+            sums[f"max_abs_{part}"][layer] += masked_max.sum().double()
             sums[f"{part}_count"][layer] += mask.sum()
             # |X| >= 0, so masked entries set to 0 cannot raise the peak (and no host sync is needed to check).
-            batch_peak = torch.where(mask, peak, 0.0).amax().double()
-            self._peaks[f"peak_abs_{part}"][layer] = torch.maximum(self._peaks[f"peak_abs_{part}"][layer], batch_peak)
+            peak = peaks[f"peak_abs_{part}"]
+            peak[layer] = torch.maximum(peak[layer], masked_max.amax().double())
 
     def update_attention(self, layer: int, probs: torch.Tensor) -> None:
         """Accumulate first-token share and mass of attention ``layer``'s weights [B, H, T, S] (queries 1..T-1)."""
@@ -148,9 +148,6 @@ class OutlierStatistics:
         for key, values in per_layer.items():
             tensor = torch.tensor(values, dtype=torch.float64)
             result[key] = float(tensor.max() if key.startswith("peak") else tensor.mean())
-        if self._sums["query_pairs"].sum() > 0:
-            # Every layer sees the same (query, head) pairs, so this equals the mean of the per-layer shares.
-            result["first_token_share"] = float(self._sums["sink_hits"].sum() / self._sums["query_pairs"].sum())
         result["excess_kurtosis_first"] = result["kurtosis_first"] - 3.0
         result["excess_kurtosis_rest"] = result["kurtosis_rest"] - 3.0
         for key, values in per_layer.items():
@@ -183,7 +180,10 @@ def outlier_metrics(
     ``peak_abs_rest`` (layer averages; peaks are maxima) and ``layer_{i}/<key>`` for each of ``PER_LAYER_KEYS``.
     Runs under ``torch.no_grad()`` in eval mode on a weight-returning attention of the model's own kind; the
     attention implementation and the training mode are restored afterwards. Skips the LM head (logits unused).
+    A DeepSpeed engine may be passed as is: its wrapped ``module`` is measured.
     """
+    if not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), PreTrainedModel):
+        model = model.module
     device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)

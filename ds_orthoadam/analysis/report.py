@@ -42,7 +42,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def outlier_table(models: Sequence[dict]) -> list[str]:
     header = ["Model", "First-token share", "First-token mass", "Kurtosis first", "Kurtosis rest",
-              "Excess kurt. first", "Excess kurt. rest", "max|X| first", "max|X| rest", "PPL"]
+              "Excess kurt. first", "Excess kurt. rest", "max\\|X\\| first", "max\\|X\\| rest", "PPL"]
     rows = []
     for entry in models:
         m = entry["metrics"]
@@ -55,7 +55,8 @@ def outlier_table(models: Sequence[dict]) -> list[str]:
 
 def weight_only_table(models: Sequence[dict]) -> list[str]:
     """One row per (model, weight quantiser); ppl and penalty per bit width."""
-    bit_widths = sorted({r["bits"] for e in models for r in e["quantization"] if r["activations"] is None}, reverse=True)
+    weight_only = [r for e in models for r in e["quantization"] if r["activations"] is None]
+    bit_widths = sorted({r["bits"] for r in weight_only}, reverse=True)
     header = ["Model", "Weights"] + [f"W{bits} {column}" for bits in bit_widths for column in ("PPL", "penalty")]
     rows = []
     for entry in models:
@@ -79,7 +80,8 @@ def activation_table(models: Sequence[dict]) -> list[str]:
 
 def per_layer_table(entry: dict) -> list[str]:
     layers = entry["per_layer"]
-    header = ["Layer", "First-token share", "Mass", "Kurtosis first", "Kurtosis rest", "max|X| first", "max|X| rest"]
+    header = ["Layer", "First-token share", "Mass", "Kurtosis first", "Kurtosis rest", "max\\|X\\| first",
+              "max\\|X\\| rest"]
     rows = [[str(i), _percent(layers["first_token_share"][i]), _percent(layers["first_token_attention_mass"][i]),
              _number(layers["kurtosis_first"][i]), _number(layers["kurtosis_rest"][i]),
              _number(layers["max_abs_first"][i]), _number(layers["max_abs_rest"][i])]
@@ -91,7 +93,8 @@ def markdown_report(report: dict, plots: Sequence[str]) -> str:
     models = report["models"]
     settings = report["settings"]
     lines = ["# Outlier and quantisation analysis", "",
-             f"Data: `{settings['data']}`, {settings['samples']} documents, sequence length {settings['seq_len']}.", ""]
+             f"Data: `{settings['data']}`, {settings['samples']} documents, sequence length {settings['seq_len']}, "
+             f"{settings['mode']} mode (every sequence starts with BOS).", ""]
     for entry in models:
         d = entry["data"]
         lines.append(f"- **{entry['label']}** (`{entry['path']}`, {entry['model']['class']}, attention "
@@ -113,8 +116,11 @@ def markdown_report(report: dict, plots: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def report_settings(data: str, samples: int, seq_len: int, batch_size: int, schemes: Sequence[QuantScheme]) -> dict:
-    return {"data": data, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+def report_settings(
+    data: str, samples: int, seq_len: int, batch_size: int, mode: str, schemes: Sequence[QuantScheme]
+) -> dict:
+    """The run's options and the definitions the numbers follow, stored in the JSON next to the numbers."""
+    return {"data": data, "samples": samples, "seq_len": seq_len, "batch_size": batch_size, "mode": mode,
             "quantization_schemes": [scheme.name for scheme in schemes],
             "full_precision": FULL_PRECISION_NOTE, "definitions": DEFINITIONS_NOTE}
 

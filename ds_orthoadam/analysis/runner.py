@@ -63,8 +63,12 @@ def metric_pass(
     map_layer: int | None = None,
     map_heads: int = DEFAULT_MAP_HEADS,
     description: str | None = None,
+    bos_token_id: int | None = None,
 ) -> tuple[OutlierStatistics, float, SampleMaps, dict]:
-    """Outlier statistics, full-precision perplexity, sample maps and data facts, all from one forward per batch."""
+    """Outlier statistics, full-precision perplexity, sample maps and data facts, all from one forward per batch.
+
+    ``bos_token_id`` (default: the model config's) is only used to report how often the first token is BOS.
+    """
     layers = num_layers(model)
     if map_layer is not None and not 0 <= map_layer < layers:
         raise AnalysisInputError(f"map layer {map_layer} does not exist; the model has layers 0..{layers - 1}")
@@ -73,7 +77,7 @@ def metric_pass(
     device = model_device(model)
     stats, nll = OutlierStatistics(layers, device), NLLAccumulator()
     callbacks = _MetricPass(stats, maps)
-    bos_id = model.config.get_text_config().bos_token_id
+    bos_id = model.config.get_text_config().bos_token_id if bos_token_id is None else bos_token_id
     sequences = bos_first = seq_len = 0
     with evaluation_mode(model), eager_attention(model):
         with stream_layer_outputs(model, callbacks.on_hidden, callbacks.on_attention):
@@ -129,11 +133,14 @@ def analyze_model(
     schemes: Sequence[QuantScheme] = (),
     map_layer: int | None = None,
     description: str | None = None,
+    bos_token_id: int | None = None,
 ) -> ModelAnalysis:
     """Every number of the report for one model: outlier metrics (overall and per layer), perplexity, quantisation."""
     if not batches:
-        raise ValueError("analyze_model needs at least one batch")
-    stats, ppl, maps, data = metric_pass(model, batches, map_layer, description=description)
+        raise AnalysisInputError("no validation batches to analyse; use more documents (--samples)")
+    stats, ppl, maps, data = metric_pass(
+        model, batches, map_layer, description=description, bos_token_id=bos_token_id
+    )
     record = {
         "model": {
             "class": type(model).__name__,
