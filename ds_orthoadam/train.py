@@ -50,11 +50,21 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+def _count(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (0 means "off" where an option allows it)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds-orthoadam-train",
         description="Pre-train a GPT2/Llama model (softmax or softmax-1 attention; AdamW or OrthoAdam from the "
-                    "DeepSpeed config) on C4 or local text with DeepSpeed. Launch with `deepspeed --num_gpus N -m "
+                    "DeepSpeed config) on C4 or local text with DeepSpeed. Launch with `deepspeed --num_gpus N --module "
                     "ds_orthoadam.train ...` (see launch/ and `make train-<model>`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention normalisation: softmax (baseline) or softmax1 (softmax-1)")
     model.add_argument("--norm", default="default", choices=NORM_CHOICES,
                        help="normalisation layers: the family's default or RMSNorm with a single scalar gain")
-    model.add_argument("--seq-len", type=int, default=256, help="training sequence length in tokens")
+    model.add_argument("--seq-len", type=_count(1), default=256, help="training sequence length in tokens")
     config = parser.add_argument_group("DeepSpeed config")
     config.add_argument("--ds-config", default=None,
                         help="DeepSpeed JSON (default: ds_configs/<model>.json; ds_configs/cpu.json for *-tiny)")
@@ -80,28 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-data", default=None,
                       help="validation source (default: derived from --data: C4's validation split / shards)")
     data.add_argument("--tokenizer", required=True, help="tokenizer.model or Hugging Face tokenizer directory")
-    data.add_argument("--val-samples", type=int, default=1000,
+    data.add_argument("--val-samples", type=_count(1), default=1000,
                       help="validation documents evaluated at every --eval-every and at the end (the paper's final "
                            "evaluation uses 100000: ds-orthoadam-analyze on the export)")
-    data.add_argument("--data-workers", type=int, default=0,
+    data.add_argument("--data-workers", type=_count(0), default=0,
                       help="background processes that read and tokenise training data (0: in the training process)")
-    data.add_argument("--seed", type=int, default=0, help="seed for model init and data shuffling")
+    data.add_argument("--seed", type=_count(0), default=0, help="seed for model init and data shuffling")
     schedule = parser.add_argument_group("schedule")
-    schedule.add_argument("--train-steps", type=int, default=None,
+    schedule.add_argument("--train-steps", type=_count(0), default=None,
                           help="optimiser steps to train to (default: the scheduler's total_num_steps)")
-    schedule.add_argument("--log-every", type=int, default=10, help="steps between progress lines / TensorBoard")
-    schedule.add_argument("--eval-every", type=int, default=1000, help="steps between validations (0: only at end)")
-    schedule.add_argument("--outlier-every", type=int, default=500,
+    schedule.add_argument("--log-every", type=_count(1), default=10, help="steps between progress lines / TensorBoard")
+    schedule.add_argument("--eval-every", type=_count(0), default=1000, help="steps between validations (0: only at end)")
+    schedule.add_argument("--outlier-every", type=_count(0), default=500,
                           help="steps between outlier telemetry on the probe batch (0: off)")
-    schedule.add_argument("--probe-samples", type=int, default=4, help="sequences in the fixed outlier probe batch")
+    schedule.add_argument("--probe-samples", type=_count(1), default=4, help="sequences in the fixed outlier probe batch")
     schedule.add_argument("--peak-tflops", type=float, default=125.0,
                           help="peak TFLOP/s per device for the MFU estimate (V100 fp16 tensor cores: 125)")
     output = parser.add_argument_group("checkpoints and output")
     output.add_argument("--output-dir", required=True,
                         help="run directory: run.json, checkpoints/, tensorboard/, metrics.jsonl, hf/ "
                              "(must be on a filesystem shared by all nodes)")
-    output.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
-    output.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (newest)")
+    output.add_argument("--checkpoint-every", type=_count(1), default=1000, help="steps between checkpoints")
+    output.add_argument("--keep-checkpoints", type=_count(1), default=3, help="complete checkpoints kept (newest)")
     output.add_argument("--resume", default="none",
                         help="'none' (fresh run), 'auto' (newest complete checkpoint, if any) or a tag")
     output.add_argument("--export-dir", default=None, help="Hugging Face export directory (default: OUTPUT/hf)")
