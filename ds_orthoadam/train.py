@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds-orthoadam-train",
         description="Pre-train a GPT2/Llama model (softmax or softmax-1 attention; AdamW or OrthoAdam from the "
-                    "DeepSpeed config) on C4 or local text with DeepSpeed. Launch with `deepspeed --num_gpus N --module "
-                    "ds_orthoadam.train ...` (see launch/ and `make train-<model>`).",
+                    "DeepSpeed config) on C4 or local text with DeepSpeed. Launch with `deepspeed --num_gpus N "
+                    "--module ds_orthoadam.train ...` (see launch/ and `make train-<model>`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, choices=sorted(MODEL_SPECS), metavar="NAME",
@@ -100,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--train-steps", type=_count(0), default=None,
                           help="optimiser steps to train to (default: the scheduler's total_num_steps)")
     schedule.add_argument("--log-every", type=_count(1), default=10, help="steps between progress lines / TensorBoard")
-    schedule.add_argument("--eval-every", type=_count(0), default=1000, help="steps between validations (0: only at end)")
+    schedule.add_argument("--eval-every", type=_count(0), default=1000,
+                          help="steps between validations (0: only at the end)")
     schedule.add_argument("--outlier-every", type=_count(0), default=500,
                           help="steps between outlier telemetry on the probe batch (0: off)")
-    schedule.add_argument("--probe-samples", type=_count(1), default=4, help="sequences in the fixed outlier probe batch")
+    schedule.add_argument("--probe-samples", type=_count(1), default=4,
+                          help="sequences in the fixed outlier probe batch")
     schedule.add_argument("--peak-tflops", type=float, default=125.0,
                           help="peak TFLOP/s per device for the MFU estimate (V100 fp16 tensor cores: 125)")
     output = parser.add_argument_group("checkpoints and output")
