@@ -14,6 +14,6 @@ for optimizer in AdamW OrthoAdam; do
 done
 adamw=$(grep -o 'tokens_per_s=[0-9]*' "$log/AdamW.txt" | cut -d= -f2)
 ortho=$(grep -o 'tokens_per_s=[0-9]*' "$log/OrthoAdam.txt" | cut -d= -f2)
-echo "== summary (llama-130m, fp16, ZeRO-1, 1 GPU, 50 steps) =="
+echo "== summary (ZeRO-1, 1 GPU; tokens/s measured after 5 warm-up steps) =="
 grep -h '^RESULT' "$log/AdamW.txt" "$log/OrthoAdam.txt"
 python -c "print(f'OrthoAdam/AdamW tokens/s ratio: {$ortho / $adamw:.3f}')"

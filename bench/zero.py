@@ -2,7 +2,7 @@
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 python bench/zero.py [--model llama-60m] [--micro-tokens 256]
 
-Measured in this process, each as the minimum over ``--repeats`` runs:
+Measured in this process, each as the minimum over ``--repeats`` interleaved rounds:
 
 * ``fwd_bwd``: forward + backward of one micro-batch of ``--micro-tokens`` tokens (the baseline's compute);
 * ``adamw``: one torch AdamW step over all parameters (what DeepSpeed's AdamW does, summed over ranks);
@@ -19,6 +19,7 @@ Q g in every backward). Memory: rotations (not sharded) and the ZeRO-1 optimiser
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import time
@@ -35,13 +36,16 @@ PAPER_TOKENS_PER_RANK = 16384
 SEQ_LEN = 256
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def interleaved_best_times(tasks: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Minimum time of each task over ``repeats`` rounds; tasks alternate within a round so that a busy machine
+    slows the baseline and the rotations alike."""
+    times: dict[str, list[float]] = {name: [] for name in tasks}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, task in tasks.items():
+            start = time.perf_counter()
+            task()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def batch(micro_tokens: int, vocab: int) -> torch.Tensor:
@@ -51,23 +55,32 @@ def batch(micro_tokens: int, vocab: int) -> torch.Tensor:
 
 def measure_components(model: torch.nn.Module, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
     def fwd_bwd():
+        model.zero_grad(set_to_none=False)
         model(input_ids=tokens, labels=tokens).loss.backward()
 
-    timings = {"fwd_bwd": best_time(fwd_bwd, repeats)}
+    fwd_bwd()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    timings["adamw"] = best_time(adamw.step, repeats)
     grads = {name: p.grad for name, p in model.named_parameters()}
-    for kind in ("dense", "hadamard"):
-        frame = RotatedFrame(model.named_parameters(), RotationSpec(kind))
-        timings[f"rotate_{kind}"] = best_time(
-            lambda: [frame.rotations[n].rotate(g) for n, g in grads.items()], repeats)
-        timings[f"unrotate_{kind}"] = best_time(frame.unrotate_params_, repeats)
+    frames = {kind: RotatedFrame(model.named_parameters(), RotationSpec(kind)) for kind in ("dense", "hadamard")}
+    tasks = {"fwd_bwd": fwd_bwd, "adamw": adamw.step}
+    for kind, frame in frames.items():
+        tasks[f"rotate_{kind}"] = functools.partial(rotate_all, frame, grads)
+        tasks[f"unrotate_{kind}"] = frame.unrotate_params_
+    timings = interleaved_best_times(tasks, repeats)
+    for kind, frame in frames.items():
         timings[f"rotation_bytes_{kind}"] = frame.nbytes
     return timings
 
 
-def measure_in_engine(name: str, optimizer: str, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
-    """engine.backward and engine.step times in a one-rank ZeRO-1 DeepSpeed engine."""
+def rotate_all(frame: RotatedFrame, grads: dict[str, torch.Tensor]) -> None:
+    """What the gradient hooks do in one backward: Q g for every parameter."""
+    for name, grad in grads.items():
+        frame.rotations[name].rotate(grad)
+
+
+def build_engine(name: str, optimizer: str, tokens: torch.Tensor):
+    """A one-rank ZeRO-1 DeepSpeed engine; the two engines compared differ only in the optimiser name."""
+    torch.manual_seed(0)
     model = ds_orthoadam.build_model(name)
     params = {"lr": 1e-4, "weight_decay": 0.1}
     if optimizer == "AdamW":
@@ -76,16 +89,26 @@ def measure_in_engine(name: str, optimizer: str, tokens: torch.Tensor, repeats: 
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
               "optimizer": {"type": optimizer, "params": params}}
     engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
-    backward, step = [], []
-    for _ in range(repeats):
-        loss = engine(input_ids=tokens, labels=tokens).loss
-        start = time.perf_counter()
-        engine.backward(loss)
-        backward.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        engine.step()
-        step.append(time.perf_counter() - start)
-    return {"backward": min(backward), "step": min(step)}
+    return engine
+
+
+def measure_in_engines(name: str, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
+    """engine.backward and engine.step times of AdamW and OrthoAdam engines, alternating between the two."""
+    engines = {optimizer: build_engine(name, optimizer, tokens) for optimizer in ("AdamW", "OrthoAdam")}
+    pending = {}
+
+    def forward(optimizer: str):
+        engine = engines[optimizer]
+        return lambda: pending.__setitem__(optimizer, engine(input_ids=tokens, labels=tokens).loss)
+
+    tasks = {}
+    for optimizer, engine in engines.items():
+        tasks[f"forward_{optimizer}"] = forward(optimizer)
+        tasks[f"backward_{optimizer}"] = functools.partial(lambda e, o: e.backward(pending[o]), engine, optimizer)
+        tasks[f"step_{optimizer}"] = engine.step
+    for task in tasks.values():  # the first step also builds the optimiser state
+        task()
+    return interleaved_best_times(tasks, repeats)
 
 
 def init_single_rank() -> None:
@@ -141,12 +164,12 @@ def main() -> None:
 
     if not args.skip_engine:
         init_single_rank()
-        adamw = measure_in_engine(args.model, "AdamW", tokens, args.repeats)
-        ortho = measure_in_engine(args.model, "OrthoAdam", tokens, args.repeats)
-        print(f"in DeepSpeed ZeRO-1 (dense): engine.backward +{ortho['backward'] - adamw['backward']:.3f} s "
-              f"(components: rotate {t['rotate_dense']:.3f} s), engine.step +{ortho['step'] - adamw['step']:.3f} s "
-              f"(components: unrotate {t['unrotate_dense']:.3f} s); ratio OrthoAdam/AdamW backward "
-              f"{ortho['backward'] / adamw['backward']:.2f}, step {ortho['step'] / adamw['step']:.2f}")
+        e = measure_in_engines(args.model, tokens, args.repeats)
+        print("in DeepSpeed ZeRO-1, one rank, dense (OrthoAdam - AdamW): engine.backward "
+              f"+{e['backward_OrthoAdam'] - e['backward_AdamW']:.3f} s of {e['backward_AdamW']:.3f} s "
+              f"(gradient hooks; component rotate {t['rotate_dense']:.3f} s), engine.step "
+              f"+{e['step_OrthoAdam'] - e['step_AdamW']:.3f} s of {e['step_AdamW']:.3f} s "
+              f"(rotation back; component unrotate {t['unrotate_dense']:.3f} s)")
 
 
 if __name__ == "__main__":

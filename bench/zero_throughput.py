@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 1 bench/zero_throughput.py --optimizer OrthoAdam --model llama-130m --steps 50
 
-Prints one line ``RESULT optimizer=... tokens_per_s=... skipped_steps=... final_loss=...`` (rank 0). The config is
+Prints one line ``RESULT optimizer=... model=... tokens_per_s=... skipped_steps=... final_loss=...`` (rank 0). The config is
 fp16 with dynamic loss scaling (initial scale 2^16) and ZeRO stage 1; only the optimiser name differs between runs.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 import ds_orthoadam
+from ds_orthoadam import ds_internals
 
 SEQ_LEN = 256
 WARMUP_STEPS = 5
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
+    ds_internals.skip_shm_comm_build()  # CPU runs only: skips a 40 s JIT build of an op training never uses
     deepspeed.init_distributed()
     torch.manual_seed(0)
     model = ds_orthoadam.build_model(args.model)
@@ -63,7 +65,8 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     tokens_per_s = (args.steps - WARMUP_STEPS) * args.micro_batch * SEQ_LEN * dist.get_world_size() / elapsed
     if dist.get_rank() == 0:
-        print(f"RESULT optimizer={args.optimizer} tokens_per_s={tokens_per_s:.0f} "
+        print(f"RESULT optimizer={args.optimizer} model={args.model} precision={args.precision} "
+              f"micro_batch={args.micro_batch} steps={args.steps} tokens_per_s={tokens_per_s:.0f} "
               f"skipped_steps={engine.skipped_steps} final_loss={loss.item():.4f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -6,10 +6,10 @@ Importing the package registers the ``softmax1`` attention implementation with t
 """
 from ds_orthoadam.attention import register_softmax1, softmax1
 from ds_orthoadam.models import MODEL_SPECS, build_config, build_model, register_model_classes
-from ds_orthoadam.orthoadam import OrthoAdam  # noqa: F401  (issue 3)
-from ds_orthoadam.zero_orthoadam import initialize  # noqa: F401  (issue 4: OrthoAdam inside DeepSpeed)
+from ds_orthoadam.orthoadam import OrthoAdam
+from ds_orthoadam.zero_orthoadam import initialize
 
 register_softmax1()
 register_model_classes()
 
-__all__ = ["MODEL_SPECS", "build_config", "build_model", "softmax1"]
+__all__ = ["MODEL_SPECS", "OrthoAdam", "build_config", "build_model", "initialize", "softmax1"]

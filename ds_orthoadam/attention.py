@@ -10,8 +10,10 @@ memory-efficient implementation below.
 Three implementations are registered with ``transformers.AttentionInterface``:
 
 * ``softmax1_eager``: materialises the T x T probabilities and returns them (needed for analysis).
-* ``softmax1_sdpa``: appends a zero key/value column and calls ``scaled_dot_product_attention``; the fused kernels
-  never materialise the probability matrix, so training memory stays O(T) per head.
+* ``softmax1_sdpa``: never materialises the probability matrix. For a purely causal batch (the training case) it
+  takes a fused kernel's output and log-sum-exp, softmax-1 = softmax * sigmoid(lse), at the cost of plain causal
+  attention (``ds_orthoadam.fused_softmax1``); otherwise (padding masks, dropout, or where no fused kernel passed its
+  self-check) it appends a zero key/value column and calls ``scaled_dot_product_attention``.
 * ``softmax1``: picks ``softmax1_eager`` when the caller asked for attention weights
   (``output_attentions=True``) and ``softmax1_sdpa`` otherwise. This is the name models are built with.
 
@@ -30,6 +32,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import output_capturing
+
+from ds_orthoadam.fused_softmax1 import fused_causal_softmax1
 
 SOFTMAX1_AUTO = "softmax1"
 SOFTMAX1_EAGER = "softmax1_eager"
@@ -119,7 +123,7 @@ def _sink_mask(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor |
     return F.pad(mask.to(query.dtype), (0, 1), value=0.0)
 
 
-def _causal_sink_attention(query, key, value, dropout: float, scaling: float | None) -> torch.Tensor:
+def _causal_sink_attention(query, key, value, scale: float | None, dropout: float = 0.0) -> torch.Tensor:
     """Purely causal softmax-1 without a mask tensor on GPUs (flash / memory-efficient kernels).
 
     The zero sink goes *in front* of the keys; with a bottom-right-aligned causal bias query i then sees the sink and
@@ -129,7 +133,7 @@ def _causal_sink_attention(query, key, value, dropout: float, scaling: float | N
     front = (0, 0, 1, 0)
     bias = causal_lower_right(query.shape[2], key.shape[2] + 1)
     return F.scaled_dot_product_attention(
-        query, F.pad(key, front), F.pad(value, front), attn_mask=bias, dropout_p=dropout, scale=scaling
+        query, F.pad(key, front), F.pad(value, front), attn_mask=bias, dropout_p=dropout, scale=scale
     )
 
 
@@ -143,13 +147,18 @@ def softmax1_sdpa_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """softmax-1 attention through fused SDPA with a zero key/value sink; no T x T probabilities are stored."""
+    """softmax-1 attention through fused kernels; no T x T probabilities are stored (see the module docstring)."""
     n_rep = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     query_length, kv_length = query.shape[2], key.shape[2]
     mask = _explicit_mask(module, query, kv_length, attention_mask, kwargs)
     if attention_mask is None and mask is not None and query_length == kv_length:
-        output = _causal_sink_attention(query, key, value, dropout, scaling)
+        output = None
+        if dropout == 0.0:
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            output = fused_causal_softmax1(query, key, value, scale, reference=_causal_sink_attention)
+        if output is None:
+            output = _causal_sink_attention(query, key, value, scaling, dropout)
     else:
         output = F.scaled_dot_product_attention(
             query,

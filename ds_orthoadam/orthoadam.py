@@ -23,7 +23,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, Rotation, make_rotation
+from ds_orthoadam.rotations import (
+    DEFAULT_MAX_DENSE_DIM,
+    ROTATION_KINDS,
+    ROTATION_VERSION,
+    Rotation,
+    Workspace,
+    make_rotation,
+)
 
 
 class OrthoAdamConfigError(ValueError):
@@ -84,8 +91,9 @@ class OrthoAdam(Optimizer):
         max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        rotation=rotation, seed=seed, max_dense_dim=max_dense_dim)
+                        rotation=rotation, seed=seed, max_dense_dim=max_dense_dim, rotation_version=ROTATION_VERSION)
         self._rotations: dict[torch.Tensor, tuple[tuple, Rotation]] = {}
+        self._workspaces: dict[tuple[torch.device, torch.dtype], Workspace] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -118,7 +126,18 @@ class OrthoAdam(Optimizer):
         return sum(self.rotation_for(group, p, key).nbytes for group, p, key in self.parameter_keys())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking that every saved moment has its parameter's shape (rotated frames must agree)."""
+        """Load after checking the rotation scheme version and that every saved moment has its parameter's shape.
+
+        The saved groups' ``rotation``, ``seed`` and ``max_dense_dim`` replace the current ones (as for any torch
+        hyper-parameter), so the moments are used in the frame they were accumulated in.
+        """
+        for group in state_dict["param_groups"]:
+            if group.get("rotation_version") != ROTATION_VERSION:
+                raise OrthoAdamStateError(
+                    f"state dict was written with rotation scheme version {group.get('rotation_version')!r} but this "
+                    f"ds_orthoadam builds version {ROTATION_VERSION}: its moments live in another frame; resume with "
+                    "the ds_orthoadam version that wrote it"
+                )
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         current = self.parameter_keys()
         if len(saved_ids) != len(current):
@@ -155,39 +174,45 @@ class OrthoAdam(Optimizer):
                 self._step_group(group, by_group[id(group)])
         return loss
 
+    def _workspace(self, numel: int, device: torch.device, dtype: torch.dtype) -> Workspace:
+        """Two flat scratch buffers per (device, dtype), as large as the largest parameter, reused every step.
+
+        Rotations write their intermediate results there: allocating (and page-faulting) fresh
+        parameter-sized tensors for every Kronecker factor would cost more than the arithmetic.
+        """
+        buffers = self._workspaces.get((device, dtype))
+        if buffers is None or buffers[0].numel() < numel:
+            buffers = self._workspaces[(device, dtype)] = (
+                torch.empty(numel, device=device, dtype=dtype), torch.empty(numel, device=device, dtype=dtype))
+        return buffers
+
+    def workspace_nbytes(self) -> int:
+        """Bytes held by the scratch buffers (two times the largest parameter once a step has run)."""
+        return sum(b.numel() * b.element_size() for buffers in self._workspaces.values() for b in buffers)
+
     def _step_group(self, group: dict[str, Any], entries: list[tuple[torch.Tensor, str]]) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        parameters, rotations, rotated_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
         for parameter, key in entries:
             if parameter.grad.is_sparse:
                 raise OrthoAdamConfigError(f"OrthoAdam does not support sparse gradients ({key})")
             rotation = self.rotation_for(group, parameter, key)
+            dtype = _state_dtype(parameter)
             state = self.state[parameter]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(parameter, dtype=_state_dtype(parameter))
-                state["exp_avg_sq"] = torch.zeros_like(parameter, dtype=_state_dtype(parameter))
+                state["exp_avg"] = torch.zeros_like(parameter, dtype=dtype)
+                state["exp_avg_sq"] = torch.zeros_like(parameter, dtype=dtype)
             state["step"] += 1
-            parameters.append(parameter)
-            rotations.append(rotation)
-            rotated_grads.append(rotation.rotate(parameter.grad.to(_state_dtype(parameter))))
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+            step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            workspace = self._workspace(parameter.numel(), parameter.device, dtype)
 
-        torch._foreach_lerp_(exp_avgs, rotated_grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, rotated_grads, rotated_grads, 1 - beta2)
-        # The rotated gradients are no longer needed: reuse them for the denominator and the update.
-        denominators = rotated_grads
-        torch._foreach_copy_(denominators, exp_avg_sqs)
-        torch._foreach_sqrt_(denominators)
-        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** step) for step in steps])
-        torch._foreach_add_(denominators, eps)
-        updates = torch._foreach_div(exp_avgs, denominators)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(parameters, 1 - lr * weight_decay)
-        for parameter, rotation, update, step in zip(parameters, rotations, updates, steps):
-            step_size = lr / (1 - beta1 ** step)
-            parameter.add_(rotation.unrotate(update).to(parameter.dtype), alpha=-step_size)
+            rotated = rotation.rotate(parameter.grad.to(dtype), workspace)
+            exp_avg.lerp_(rotated, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+            # The rotated gradient's buffer now takes m / (sqrt(v / (1 - b2^t)) + eps); 1/(1 - b1^t) is in the step.
+            update = torch.sqrt(exp_avg_sq, out=rotated).div_(math.sqrt(1 - beta2**step)).add_(eps)
+            torch.div(exp_avg, update, out=update)
+            if weight_decay != 0.0:
+                parameter.mul_(1 - lr * weight_decay)
+            parameter.add_(rotation.unrotate(update, workspace).to(parameter.dtype), alpha=-lr / (1 - beta1**step))

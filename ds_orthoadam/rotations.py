@@ -1,28 +1,40 @@
 """Fixed random orthogonal transforms ("rotations") for OrthoAdam, one per parameter.
 
 OrthoAdam runs Adam in a rotated frame phi = Q theta. A dense Q on a flattened weight is impossible (a 512x512
-weight would need a 262144x262144 matrix), so Q is a Kronecker product of one orthogonal matrix per axis:
+weight would need a 262144x262144 matrix), so Q is a Kronecker product of one orthogonal transform per axis:
 
-* the parameter is viewed as a matrix ``(shape[0], prod(shape[1:]))`` (trailing dims flattened, the convention of
-  ``nn.Linear``/``nn.Conv*`` where dim 0 is the output) or as a vector when 1-D; 0-D parameters and axes of length 1
+* the parameter is viewed as a matrix ``(shape[0], prod(shape[1:]))`` (trailing dims flattened: dim 0 is the output
+  of ``nn.Linear``/``nn.Conv*``/``nn.Embedding`` rows) or as a vector when 1-D; 0-D parameters and axes of length 1
   are left unrotated (a 1x1 orthogonal matrix is +-1, a signed permutation, to which Adam is equivariant);
 * a matrix G is rotated as ``Q_out @ G @ Q_in^T`` (every coordinate mixes with every other), a vector as ``Q g``.
 
-Axis kinds:
+Axis transforms:
 
-* ``"dense"``: a Haar-random orthogonal matrix (QR of a Gaussian with the sign fix), n*n memory, n^2 cost per
-  column. Axes longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the embeddings) use the
-  ``"hadamard"`` axis transform instead.
-* ``"hadamard"``: a randomised Walsh-Hadamard transform ``H D`` (D = random signs), O(n log n) cost, O(n) memory.
-  For a length n that is not a power of two, w = 2^floor(log2 n) > n/2 and three signed Hadamard transforms are
-  applied to the overlapping windows ``[0, w)``, ``[n-w, n)``, ``[0, w)``: each is orthogonal on its window and
-  the identity elsewhere, and because the windows overlap, after the three passes every output coordinate
-  depends on every input coordinate (a block-diagonal scheme would leave coordinates of different blocks unmixed).
+* ``"dense"``: a Haar-random orthogonal matrix (QR of a Gaussian with the sign fix); n^2 memory and n^2 work per
+  column. Under ``kind="dense"``, axes longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the
+  embeddings) use the ``"hadamard"`` axis transform instead.
+* ``"hadamard"``: a randomised Hadamard transform ``Q = (O_m (x) O_b (x) H_{2^a/b}) D`` for ``n = 2^a m`` with m
+  odd: D are random signs, H the orthonormal Walsh-Hadamard matrix (Sylvester order), O_b a Haar block of the first
+  power-of-two factor (b <= 16; without it a one-hot gradient would become a flat vector, on which Adam's
+  normalisation acts like on the one-hot, i.e. OrthoAdam would take Adam's step) and O_m a Kronecker product of
+  small Haar blocks for the odd part (prime factors grouped up to 32: 32000 = 25 * 5 * 2^8, 1376 = 43 * 2^5).
+  Every output coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n)
+  memory (signs plus blocks of bounded size).
+  Lengths with a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
+  with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
+  permutation of the axis, on ``[0, w)`` again (each pass orthogonal; overlap + permutation make it mix fully).
+
+All Kronecker factors of a parameter are applied with one GEMM each by cycling through the "digits" of the
+flattened index: ``x <- F @ x.view(-1, f).T`` transforms the last digit with F and moves it to the front, so after
+all factors the original order is restored (no transposes or window copies needed); ``unrotate`` does the same with
+the transposed factors.
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
 ``(seed, key, shape, kind, max_dense_dim)``. Random numbers come from a CPU ``torch.Generator`` (float64) seeded
 with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted ``hash()`` -- so it is
-identical on every rank, device and restart. ``OrthoAdam`` uses ``key = parameter name`` when given
+identical on every rank, device and restart. The construction itself (block sizes, hashing) is versioned by
+``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never resumed with another
+Q. ``OrthoAdam`` uses ``key = parameter name`` when given
 ``model.named_parameters()`` and ``key = f"param{i}"`` otherwise, i being the parameter's position in the
 flattened param groups (its id in ``optimizer.state_dict()``).
 """
@@ -30,22 +42,29 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 
 ROTATION_KINDS = ("dense", "hadamard")
+# Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim).
+ROTATION_VERSION = 1
 DEFAULT_MAX_DENSE_DIM = 4096
-# Hadamard transforms of length 2^k are applied as a Kronecker product of small dense Hadamard blocks (one GEMM
-# per block), which is much faster than log2(n) butterfly passes in eager PyTorch; cost stays O(n log n).
-_HADAMARD_BLOCK_LOG2 = 5
+# Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
+# on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
+HADAMARD_BLOCK_LOG2 = 4
+# Odd parts of Hadamard axis lengths: Haar blocks grouping prime factors up to ODD_BLOCK_TARGET (GEMM passes with
+# small blocks are memory-bound, so fewer, moderately sized blocks are fastest); primes above MAX_ODD_PRIME use windows.
+ODD_BLOCK_TARGET = 32
+MAX_ODD_PRIME = 256
 
 
 class RotationKindError(ValueError):
     """An unknown rotation kind was requested."""
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in ROTATION_KINDS:
         raise RotationKindError(
             f"unknown rotation kind {kind!r}: choose one of {', '.join(ROTATION_KINDS)} "
@@ -53,187 +72,257 @@ def _check_kind(kind: str) -> None:
         )
 
 
-def _generator(seed: int, key: str, shape: Sequence[int], axis: int, axis_kind: str) -> torch.Generator:
+def axis_kind(kind: str, size: int, max_dense_dim: int) -> str:
+    """The transform used along an axis of ``size``: dense only for the dense kind and short enough axes."""
+    return "dense" if kind == "dense" and size <= max_dense_dim else "hadamard"
+
+
+def _generator(seed: int, key: str, shape: Sequence[int], axis: int, transform: str) -> torch.Generator:
     """A CPU generator whose seed is a stable hash of everything that identifies one axis transform."""
-    text = f"ds_orthoadam|seed={seed}|key={key}|shape={tuple(shape)}|axis={axis}|kind={axis_kind}"
+    text = f"ds_orthoadam|seed={seed}|key={key}|shape={tuple(shape)}|axis={axis}|kind={transform}"
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return generator
 
 
-def axis_kind(kind: str, size: int, max_dense_dim: int) -> str:
-    """The transform used along an axis of ``size``: dense only for the dense kind and short enough axes."""
-    return "dense" if kind == "dense" and size <= max_dense_dim else "hadamard"
+def haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-distributed n x n orthogonal matrix (float64): QR of a Gaussian, columns sign-fixed by diag(R)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
 
 
 def _random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).to(torch.float64).mul_(2).sub_(1)
+    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64).mul_(2).sub_(1)
 
 
-def haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A Haar-distributed n x n orthogonal matrix (float64): QR of a Gaussian, columns sign-fixed by diag(R)."""
-    gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+def normalised_hadamard(size: int) -> torch.Tensor:
+    """The symmetric orthonormal Sylvester-Hadamard matrix of a power-of-two ``size`` (float64)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(size)
 
 
-def _apply_matrix(matrix: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` along the middle axis of ``x3`` (shape ``(P, n, R)``), using one GEMM where possible."""
-    before, n, after = x3.shape
-    if before == 1:
-        return (matrix @ x3.reshape(n, after)).view(1, n, after)
-    if after == 1:
-        return (x3.reshape(before, n) @ matrix.T).view(before, n, 1)
-    return torch.matmul(matrix, x3)
+def _hadamard_block_sizes(power_of_two: int) -> list[int]:
+    """Split 2^a into as few, as equal as possible power-of-two Kronecker factors of at most 2^HADAMARD_BLOCK_LOG2."""
+    log2_n = power_of_two.bit_length() - 1
+    count = math.ceil(log2_n / HADAMARD_BLOCK_LOG2)
+    base, extra = divmod(log2_n, max(count, 1))
+    return [1 << (base + 1 if i < extra else base) for i in range(count)]
 
 
-_SYLVESTER_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+def _odd_block_sizes(odd: int) -> list[int] | None:
+    """Group the prime factors of an odd length into blocks of at most ODD_BLOCK_TARGET (a larger prime is its own
+    block); None if a prime factor exceeds MAX_ODD_PRIME."""
+    primes, divisor = [], 3
+    while odd > 1:
+        while odd % divisor == 0:
+            primes.append(divisor)
+            odd //= divisor
+        divisor += 2
+        if divisor > MAX_ODD_PRIME and odd > 1:
+            return None
+    blocks: list[int] = []
+    for prime in sorted(primes, reverse=True):
+        if blocks and blocks[-1] * prime <= ODD_BLOCK_TARGET:
+            blocks[-1] *= prime
+        else:
+            blocks.append(prime)
+    return blocks
 
 
-def _normalised_hadamard(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The symmetric orthonormal Sylvester-Hadamard matrix of a power-of-two ``size`` (cached; shared by all)."""
-    cache_key = (size, device, dtype)
-    if cache_key not in _SYLVESTER_CACHE:
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < size:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _SYLVESTER_CACHE[cache_key] = (h / math.sqrt(size)).to(device=device, dtype=dtype)
-    return _SYLVESTER_CACHE[cache_key]
+def _apply_along_axis(matrix: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``matrix`` applied along ``axis`` of ``x`` (a new tensor of the same shape)."""
+    return torch.movedim(torch.tensordot(matrix, x, dims=([1], [axis])), 0, axis).contiguous()
 
 
-def _block_log2_sizes(log2_n: int) -> list[int]:
-    """Split 2^log2_n into as few, as equal as possible Kronecker factors of at most 2^_HADAMARD_BLOCK_LOG2."""
-    count = max(1, math.ceil(log2_n / _HADAMARD_BLOCK_LOG2))
-    base, extra = divmod(log2_n, count)
-    return [base + 1 if i < extra else base for i in range(count)]
-
-
-def walsh_hadamard(x3: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform along the middle axis (length 2^k) of ``x3`` of shape ``(P, n, R)``.
-
-    H_{2^k} = H_{b_1} (x) ... (x) H_{b_m} (Sylvester ordering), so viewing the axis as ``(b_1, ..., b_m)`` and
-    applying each small block along its own sub-axis gives the full transform in m GEMM passes.
-    """
-    before, n, after = x3.shape
-    log2_sizes = _block_log2_sizes(n.bit_length() - 1)
-    inner = n
-    for log2_b in log2_sizes:
-        b = 1 << log2_b
-        inner //= b
-        block = _normalised_hadamard(b, x3.device, x3.dtype)
-        x3 = _apply_matrix(block, x3.reshape(before * (n // (inner * b)), b, inner * after))
-    return x3.reshape(before, n, after)
-
-
-class _AxisTransform:
-    """An orthogonal transform along one axis; subclasses implement ``apply``/``apply_transpose`` on (P, n, R)."""
+@dataclass
+class _Windows:
+    """Overlapping signed power-of-two Hadamard windows for lengths with a large prime factor."""
 
     size: int
+    signs: list[torch.Tensor]  # three sign vectors of the window width
+    permutation: torch.Tensor  # applied before the third window
 
-    def apply(self, x3: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @property
+    def width(self) -> int:
+        return self.signs[0].numel()
 
-    def apply_transpose(self, x3: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def _hadamard(self, like: torch.Tensor) -> torch.Tensor:
+        return normalised_hadamard(self.width).to(like)
+
+    def apply(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        starts = [0, self.size - self.width, 0]
+        for index, (start, signs) in enumerate(zip(starts, self.signs)):
+            if index == 2:
+                x = x.index_select(axis, self.permutation)
+            window = x.narrow(axis, start, self.width)
+            shape = [1] * x.dim()
+            shape[axis] = self.width
+            mixed = _apply_along_axis(self._hadamard(x), window * signs.to(x).view(shape), axis)
+            x = x.clone() if index == 0 else x
+            x.narrow(axis, start, self.width).copy_(mixed)
+        return x
+
+    def apply_transpose(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        starts = [0, self.size - self.width, 0]
+        x = x.clone()
+        for index in (2, 1, 0):
+            shape = [1] * x.dim()
+            shape[axis] = self.width
+            window = x.narrow(axis, starts[index], self.width)
+            mixed = _apply_along_axis(self._hadamard(x), window, axis) * self.signs[index].to(x).view(shape)
+            window.copy_(mixed)
+            if index == 2:
+                x = x.index_copy(axis, self.permutation, x)
+        return x
 
     @property
     def nbytes(self) -> int:
-        raise NotImplementedError
+        tensors = [*self.signs, self.permutation]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class _DenseAxis(_AxisTransform):
-    def __init__(self, matrix: torch.Tensor):
-        self.size = matrix.shape[0]
-        self.matrix = matrix
+@dataclass
+class _Axis:
+    """Q_axis = kron(factors) @ diag(signs), or the windows transform for awkward lengths."""
 
-    def apply(self, x3: torch.Tensor) -> torch.Tensor:
-        return _apply_matrix(self.matrix.to(x3), x3)
-
-    def apply_transpose(self, x3: torch.Tensor) -> torch.Tensor:
-        return _apply_matrix(self.matrix.to(x3).T, x3)
-
-    @property
-    def nbytes(self) -> int:
-        return self.matrix.numel() * self.matrix.element_size()
-
-
-class _HadamardAxis(_AxisTransform):
-    """Signed Hadamard transforms on power-of-two windows: one window for n = 2^k, else head, tail, head."""
-
-    def __init__(self, size: int, signs: list[torch.Tensor]):
-        self.size = size
-        width = 1 << (size.bit_length() - 1)
-        starts = [0] if width == size else [0, size - width, 0]
-        self.windows = list(zip(starts, signs))
-        self.width = width
-
-    @staticmethod
-    def signs_needed(size: int) -> list[int]:
-        width = 1 << (size.bit_length() - 1)
-        return [width] if width == size else [width] * 3
-
-    def _window(self, x3: torch.Tensor, start: int, transformed: torch.Tensor) -> torch.Tensor:
-        if transformed.shape[1] == x3.shape[1]:
-            return transformed
-        return torch.cat([x3[:, :start], transformed, x3[:, start + self.width:]], dim=1)
-
-    def apply(self, x3: torch.Tensor) -> torch.Tensor:
-        for start, signs in self.windows:
-            segment = x3[:, start:start + self.width] * signs.to(x3).view(1, -1, 1)
-            x3 = self._window(x3, start, walsh_hadamard(segment))
-        return x3
-
-    def apply_transpose(self, x3: torch.Tensor) -> torch.Tensor:
-        for start, signs in reversed(self.windows):
-            segment = walsh_hadamard(x3[:, start:start + self.width].contiguous())
-            x3 = self._window(x3, start, segment.mul_(signs.to(x3).view(1, -1, 1)))
-        return x3
+    size: int
+    factors: list[torch.Tensor] = field(default_factory=list)
+    signs: torch.Tensor | None = None
+    windows: _Windows | None = None
+    shared_factor_ids: set[int] = field(default_factory=set)  # Hadamard blocks: not owned, not counted
 
     @property
     def nbytes(self) -> int:
-        return sum(signs.numel() * signs.element_size() for _, signs in self.windows)
+        owned = [f for f in self.factors if id(f) not in self.shared_factor_ids]
+        owned += [self.signs] if self.signs is not None else []
+        return sum(t.numel() * t.element_size() for t in owned) + (self.windows.nbytes if self.windows else 0)
+
+
+Workspace = tuple[torch.Tensor, torch.Tensor]
+_SHARED_HADAMARD: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def _shared_hadamard(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Hadamard blocks are constants: one copy per (size, device, dtype) serves every rotation."""
+    key = (size, str(device), dtype)
+    if key not in _SHARED_HADAMARD:
+        _SHARED_HADAMARD[key] = normalised_hadamard(size).to(device=device, dtype=dtype)
+    return _SHARED_HADAMARD[key]
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[int, ...]:
     """The shape a parameter is rotated in: ``()`` for scalars, ``(n,)`` for vectors, else (dim 0, the rest)."""
     shape = tuple(shape)
-    if len(shape) <= 1:
-        return shape
-    return (shape[0], math.prod(shape[1:]))
+    return shape if len(shape) <= 1 else (shape[0], math.prod(shape[1:]))
 
 
 class Rotation:
     """A fixed orthogonal transform Q for one parameter shape (see the module docstring for the construction)."""
 
-    def __init__(self, shape: torch.Size, axes: dict[int, _AxisTransform]):
+    def __init__(self, shape: torch.Size, axes: list[_Axis]):
         self.shape = torch.Size(shape)
-        self.view = matrix_view(self.shape)
-        self.axes = axes
+        self.axes = axes  # the rotated axes (length > 1) of matrix_view(shape), in order
 
-    def _transform(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _kronecker(self, y: torch.Tensor, transpose: bool, workspace: Workspace | None) -> torch.Tensor:
+        """Apply kron(all factors) (or its transpose, kron of the transposed factors) by cycling index digits.
+
+        ``F @ y.view(-1, f).T`` transforms the last digit with F and moves it to the front; after one step per
+        digit (last to first) the original order is back. A window axis has no factor: its digit is only cycled.
+        """
+        digits = []
+        for axis in self.axes:
+            digits += [(axis.size, None)] if axis.windows is not None else []
+            digits += [(f.shape[0], f.T if transpose else f) for f in axis.factors]
+        for size, factor in reversed(digits):
+            digit_last = y.reshape(-1, size).T
+            out = self._free_buffer(y, workspace)
+            out = None if out is None else out.view(size, -1)
+            if factor is None:
+                y = digit_last.contiguous() if out is None else out.copy_(digit_last)
+            else:
+                y = torch.matmul(factor.to(y), digit_last, out=out)
+        return y
+
+    def _signs(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Multiply by every axis' sign vector: into ``out`` (``x`` itself: in place; None: a new tensor)."""
+        view = [axis.size for axis in self.axes]
+        signed = x.reshape(view)
+        for position, axis in enumerate(self.axes):
+            if axis.signs is None:
+                continue
+            shape = [1] * len(view)
+            shape[position] = axis.size
+            signs = axis.signs.to(x).view(shape)
+            if signed.data_ptr() == x.data_ptr() and out is not x:
+                signed = torch.mul(signed, signs, out=None if out is None else out.view(view))
+            else:
+                signed.mul_(signs)
+        return signed
+
+    def _windows(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        view = [axis.size for axis in self.axes]
+        for position, axis in enumerate(self.axes):
+            if axis.windows is not None:
+                windows = axis.windows
+                x = (windows.apply_transpose if transpose else windows.apply)(x.reshape(view), position)
+        return x
+
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape != self.shape:
             raise ValueError(f"rotation built for shape {tuple(self.shape)} got a tensor of shape {tuple(x.shape)}")
-        y = x.reshape(self.view)
-        for axis, transform in self.axes.items():
-            before, after = math.prod(self.view[:axis]), math.prod(self.view[axis + 1:])
-            y3 = y.reshape(before, transform.size, after)
-            y3 = transform.apply_transpose(y3) if transpose else transform.apply(y3)
-            y = y3.reshape(self.view)
-        return y.reshape(self.shape) if self.axes else y.reshape(self.shape).clone()
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q x`` (a new tensor; for matrices ``Q_out @ x @ Q_in^T``)."""
-        return self._transform(x, transpose=False)
+    @staticmethod
+    def _free_buffer(current: torch.Tensor, workspace: Workspace | None) -> torch.Tensor | None:
+        """The workspace buffer (flat, sized like ``current``) that does not hold ``current``; None: allocate."""
+        if workspace is None:
+            return None
+        first, second = (buffer[:current.numel()] for buffer in workspace)
+        return second if current.data_ptr() == first.data_ptr() else first
 
-    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q^T x``, the inverse of :meth:`rotate`."""
-        return self._transform(x, transpose=True)
+    def rotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """``Q x`` (for matrices ``Q_out @ x @ Q_in^T``); x is never modified.
+
+        Without ``workspace`` the result is a new tensor. With a workspace (two flat buffers of at least x.numel()
+        elements, x's dtype and device) no memory is allocated and the result is a view into one of the buffers,
+        valid until the workspace is reused; x may itself live in a workspace buffer.
+        """
+        self._check(x)
+        y = self._windows(self._signs(x, self._free_buffer(x, workspace)), transpose=False)
+        y = self._kronecker(y, transpose=False, workspace=workspace)
+        return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
+
+    def unrotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """``Q^T x``, the inverse of :meth:`rotate` (same contract for ``workspace``)."""
+        self._check(x)
+        y = self._windows(self._kronecker(x, transpose=True, workspace=workspace), transpose=True)
+        # Signs in place on an intermediate result; into a free buffer (or a new tensor) if y is still x.
+        y = self._signs(y, y if y.data_ptr() != x.data_ptr() else self._free_buffer(x, workspace))
+        return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by this rotation (dense matrices and sign vectors; shared Hadamard blocks not counted)."""
-        return sum(transform.nbytes for transform in self.axes.values())
+        """Bytes held by this rotation (dense blocks, signs, permutations; shared Hadamard blocks not counted)."""
+        return sum(axis.nbytes for axis in self.axes)
+
+
+def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.dtype) -> _Axis:
+    power_of_two = size & -size
+    odd_blocks = _odd_block_sizes(size // power_of_two)
+    if odd_blocks is None:
+        width = 1 << (size.bit_length() - 1)
+        signs = [_random_signs(width, generator).to(device=device, dtype=dtype) for _ in range(3)]
+        permutation = torch.randperm(size, generator=generator).to(device)
+        return _Axis(size, windows=_Windows(size, signs, permutation))
+    hadamard_blocks = _hadamard_block_sizes(power_of_two)
+    # The first power-of-two block is Haar too: H D alone maps a one-hot gradient to a flat vector, which Adam's
+    # per-coordinate normalisation treats like the one-hot itself (OrthoAdam would then take Adam's step).
+    haar = [haar_orthogonal(b, generator).to(device=device, dtype=dtype) for b in odd_blocks + hadamard_blocks[:1]]
+    hadamard = [_shared_hadamard(b, device, dtype) for b in hadamard_blocks[1:]]
+    signs = _random_signs(size, generator).to(device=device, dtype=dtype)
+    return _Axis(size, factors=haar + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard})
 
 
 def make_rotation(
@@ -248,42 +337,31 @@ def make_rotation(
     """The rotation OrthoAdam uses for a parameter of ``shape`` named ``key`` (deterministic, see module doc).
 
     ``dtype``/``device`` only choose where the factors are stored; they are always sampled in float64 on the CPU,
-    so the same (seed, key, shape, kind, max_dense_dim) gives the same Q everywhere.
+    so the same (seed, key, shape, kind, max_dense_dim) gives the same Q everywhere. ``rotate``/``unrotate``
+    accept tensors of any floating dtype and device (factors are cast on the fly if they differ).
     """
-    _check_kind(kind)
+    check_kind(kind)
     shape = torch.Size(shape)
-    view = matrix_view(shape)
-    axes: dict[int, _AxisTransform] = {}
-    for axis, size in enumerate(view):
+    axes = []
+    for axis, size in enumerate(matrix_view(shape)):
         if size <= 1:
             continue
-        transform_kind = axis_kind(kind, size, max_dense_dim)
-        generator = _generator(seed, key, shape, axis, transform_kind)
-        if transform_kind == "dense":
-            axes[axis] = _DenseAxis(haar_orthogonal(size, generator).to(device=device, dtype=dtype))
+        transform = axis_kind(kind, size, max_dense_dim)
+        generator = _generator(seed, key, shape, axis, transform)
+        if transform == "dense":
+            axes.append(_Axis(size, factors=[haar_orthogonal(size, generator).to(device=device, dtype=dtype)]))
         else:
-            signs = [_random_signs(width, generator).to(device=device, dtype=dtype)
-                     for width in _HadamardAxis.signs_needed(size)]
-            axes[axis] = _HadamardAxis(size, signs)
+            axes.append(_hadamard_axis(size, generator, device, dtype))
     return Rotation(shape, axes)
 
 
 def rotation_nbytes(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
     kind: str = "dense",
+    seed: int = 0,
     max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     dtype: torch.dtype = torch.float32,
 ) -> int:
-    """Memory (bytes) the rotations of these parameters take, without building dense matrices."""
-    _check_kind(kind)
-    element = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for _, parameter in named_parameters:
-        for size in matrix_view(parameter.shape):
-            if size <= 1:
-                continue
-            if axis_kind(kind, size, max_dense_dim) == "dense":
-                total += size * size * element
-            else:
-                total += sum(_HadamardAxis.signs_needed(size)) * element
-    return total
+    """Memory (bytes) the rotations of these parameters take (builds each rotation once, on the CPU)."""
+    return sum(make_rotation(p.shape, kind, seed, name, max_dense_dim, dtype=dtype).nbytes
+               for name, p in named_parameters)

@@ -187,3 +187,43 @@ def test_output_attentions_returns_softmax1_weights(name):
     first_row = out.attentions[0][0, :, 0, 0]  # the first query sees only itself: sigmoid of its own logit
     assert ((first_row > 0) & (first_row < 1)).all()
     assert math.isfinite(float(out.attentions[-1].sum()))
+
+
+def test_fused_causal_softmax1_matches_float64_reference_forward_and_backward():
+    """softmax * sigmoid(lse) forward and the kernel's backward fed (s * grad, output) give softmax-1's gradients."""
+    from ds_orthoadam.attention import _causal_sink_attention
+    from ds_orthoadam.fused_softmax1 import fused_causal_softmax1
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 19, 16, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, like Llama's projections
+    scale = 0.3
+    out = fused_causal_softmax1(q_strided, k, v, scale, reference=_causal_sink_attention)
+    assert out is not None, "the CPU flash kernel should pass its self-check"
+    causal = torch.ones(19, 19, dtype=torch.bool).tril().expand(2, 1, 19, 19)
+    expected, _ = _reference_attention(q, k, v, causal, scale)
+    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-10, atol=1e-12)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad.transpose(1, 2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch):
+    from ds_orthoadam import fused_softmax1
+
+    def wrong_forward(q, k, v, scale):
+        out, lse, extras = fused_softmax1._cpu_forward(q, k, v, scale)
+        return out, lse + 1.0, extras
+
+    broken = fused_softmax1._Kernel("broken", wrong_forward, fused_softmax1._cpu_backward)
+    monkeypatch.setattr(fused_softmax1, "_select_kernel", lambda query: broken)
+    monkeypatch.setattr(fused_softmax1, "_VERIFIED", {})
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=gen) for _ in range(3))
+    with pytest.warns(UserWarning, match="broken"):
+        out, _ = softmax1_sdpa_attention(_FakeAttentionModule(), q, k[:, :1], v[:, :1], None, scaling=0.5)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(1, 1, 9, 9)
+    expected, _ = _reference_attention(q, k[:, :1], v[:, :1], causal, 0.5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ FP32_TOL = 1e-5
 # 0.030; stage 0 (bf16 gradient accumulation) 0.122 vs 0.119; the AdamW control vs OrthoAdam ~0.5; fp32 1.6e-5.
 BF16_ERROR_FACTOR = 2.0
 TRAIN_CASES = [
-    "llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam",
+    "llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam:save10",
     "llama:1:fp32:AdamW", "gpt2:1:fp32:AdamW",
     "llama:0:fp32:OrthoAdam", "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam",
     "llama:1:bf16:OrthoAdam", "llama:1:bf16:AdamW", "llama:0:bf16:OrthoAdam", "llama:0:bf16:AdamW",
@@ -62,7 +62,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     _launch(out_dir, RESUME_CASES)
     results = {case: torch.load(out_dir / f"{case.replace(':', '_')}.pt", weights_only=False)
                for case in TRAIN_CASES + RESUME_CASES}
-    results["checkpoint_dir"] = out_dir / "ckpt-llama"
+    results["checkpoint_dirs"] = {family: out_dir / f"ckpt-{family}" for family in ("llama", "gpt2")}
     return results
 
 
@@ -71,7 +71,7 @@ def references() -> dict[str, dict]:
     return {family: reference_run(family) for family in ("llama", "gpt2")}
 
 
-@pytest.mark.parametrize("case", ["llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam", "llama:0:fp32:OrthoAdam",
+@pytest.mark.parametrize("case", ["llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam:save10", "llama:0:fp32:OrthoAdam",
                                   "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam"])
 def test_fp32_equals_single_process_orthoadam(runs, references, case):
     family = case.split(":")[0]
@@ -129,13 +129,15 @@ def test_resume_in_new_process_is_bit_identical(runs):
     assert all(torch.equal(resumed["final"][k], uninterrupted["final"][k]) for k in uninterrupted["final"])
 
 
-def test_export_gives_real_weights_not_rotated_frame(runs):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: tied embeddings appear under two names
+def test_export_gives_real_weights_not_rotated_frame(runs, family):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    theta = runs["llama:1:fp32:OrthoAdam:save10"]["weights_at_save"]
-    exported = export_fp32_state_dict(str(runs["checkpoint_dir"]), tag="step10")
+    theta = runs[f"{family}:1:fp32:OrthoAdam:save10"]["weights_at_save"]
+    checkpoint_dir = str(runs["checkpoint_dirs"][family])
+    exported = export_fp32_state_dict(checkpoint_dir, tag="step10")
     assert max_abs_diff(exported, theta) <= 1e-6
-    rotated = get_fp32_state_dict_from_zero_checkpoint(str(runs["checkpoint_dir"]), tag="step10")
+    rotated = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="step10")
     assert max_abs_diff(rotated, theta) > 1e-2
 
 

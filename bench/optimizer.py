@@ -1,0 +1,75 @@
+"""One optimiser step over llama-60m's parameters: OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
+
+Prints the median step time of each optimiser (same process, same gradients) as a ratio to AdamW, and the extra
+persistent memory OrthoAdam keeps besides AdamW-sized moments: the rotations and two scratch buffers the size of
+the largest parameter (AdamW's own per-step temporaries are not counted for either).
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
+                                                             [--model llama-60m]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ds_orthoadam import MODEL_SPECS, OrthoAdam, build_model
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def interleaved_median_seconds(optimizers: dict[str, torch.optim.Optimizer], steps: int) -> dict[str, float]:
+    """Median step time per optimiser; steps are taken round-robin so that load from other processes on the
+    machine hits every optimiser alike. One untimed warm-up step each allocates the state."""
+    for optimizer in optimizers.values():
+        optimizer.step()
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(steps):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimiser (median is reported)")
+    parser.add_argument("--rotations", nargs="+", default=["dense", "hadamard"], choices=["dense", "hadamard"],
+                        help="OrthoAdam rotation kinds to compare with AdamW")
+    parser.add_argument("--model", default="llama-60m", choices=sorted(MODEL_SPECS), help="model whose parameters")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = build_model(args.model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} thread(s), "
+          f"median of {args.steps} interleaved steps")
+
+    # lr=0: every optimiser sees the same parameters and gradients on every step.
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True)}
+    for kind in args.rotations:
+        optimizers[f"OrthoAdam {kind}"] = OrthoAdam(model.named_parameters(), lr=0.0, rotation=kind)
+    seconds = interleaved_median_seconds(optimizers, args.steps)
+
+    baseline_seconds, baseline_state = seconds["AdamW(foreach)"], state_nbytes(optimizers["AdamW(foreach)"])
+    for name, optimizer in optimizers.items():
+        is_ortho = isinstance(optimizer, OrthoAdam)
+        rotation_bytes = optimizer.rotation_nbytes() if is_ortho else 0
+        workspace_bytes = optimizer.workspace_nbytes() if is_ortho else 0
+        extra = state_nbytes(optimizer) - baseline_state + rotation_bytes + workspace_bytes
+        print(f"{name:20s} {seconds[name] * 1e3:8.1f} ms/step {seconds[name] / baseline_seconds:6.2f}x AdamW   "
+              f"extra memory {extra / 2**20:6.1f} MiB = {100 * extra / baseline_state:4.1f}% of AdamW's state "
+              f"(rotations {rotation_bytes / 2**20:.1f} MiB, scratch {workspace_bytes / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""OrthoAdam: equals AdamW in the rotated frame, differs from AdamW in the original one, checkpoints exactly."""
+import copy
+import io
+
+import pytest
+import torch
+
+from ds_orthoadam import OrthoAdam
+from ds_orthoadam.orthoadam import OrthoAdamConfigError, OrthoAdamStateError
+from ds_orthoadam.rotations import make_rotation, rotation_nbytes
+
+SHAPES = {"blocks.0.weight": (6, 10), "blocks.0.bias": (6,), "conv.weight": (4, 3, 2, 2), "gain": (), "emb": (40, 5)}
+GROUPS = [  # several param groups with their own hyper-parameters (weight decay on matrices only)
+    {"names": ["blocks.0.weight", "conv.weight"], "weight_decay": 0.1},
+    {"names": ["blocks.0.bias", "gain"], "weight_decay": 0.0, "lr": 0.02},
+    {"names": ["emb"], "weight_decay": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
+]
+
+
+def make_params(dtype=torch.float64) -> dict[str, torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    return {n: torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for n, s in SHAPES.items()}
+
+
+def gradient_stream(steps: int, dtype=torch.float64) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [{n: torch.randn(s, generator=generator, dtype=dtype) for n, s in SHAPES.items()} for _ in range(steps)]
+
+
+def groups_of(params, named: bool) -> list[dict]:
+    out = []
+    for group in GROUPS:
+        entries = [(n, params[n]) if named else params[n] for n in group["names"]]
+        out.append({"params": entries, **{k: v for k, v in group.items() if k != "names"}})
+    return out
+
+
+def rotation_keys(named: bool) -> dict[str, str]:
+    """The documented key rule: the name, or "param{i}" with i the position across the param groups."""
+    order = [n for group in GROUPS for n in group["names"]]
+    return {n: (n if named else f"param{i}") for i, n in enumerate(order)}
+
+
+def run(optimizer, params, grads):
+    for step_grads in grads:
+        for name, parameter in params.items():
+            parameter.grad = step_grads[name].clone()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.parametrize("kind,max_dense_dim", [("dense", 4096), ("hadamard", 4096), ("dense", 8)])
+def test_orthoadam_equals_adamw_on_rotated_parameters(kind, max_dense_dim, named):
+    """N steps of OrthoAdam on theta == N steps of AdamW on phi = Q theta fed Q g, mapped back with Q^T."""
+    steps, seed = 12, 5
+    params = make_params()
+    keys = rotation_keys(named)
+    rotations = {n: make_rotation(SHAPES[n], kind, seed, keys[n], max_dense_dim, dtype=torch.float64)
+                 for n in SHAPES}
+    rotated = {n: torch.nn.Parameter(rotations[n].rotate(p.detach())) for n, p in params.items()}
+    grads = gradient_stream(steps)
+
+    ortho = OrthoAdam(groups_of(params, named), lr=0.05, rotation=kind, seed=seed, max_dense_dim=max_dense_dim)
+    run(ortho, params, grads)
+    adamw = torch.optim.AdamW(groups_of(rotated, named=False), lr=0.05, foreach=False)
+    run(adamw, rotated, [{n: rotations[n].rotate(g[n]) for n in g} for g in grads])
+
+    for name, parameter in params.items():
+        mapped_back = rotations[name].unrotate(rotated[name].detach())
+        torch.testing.assert_close(parameter.detach(), mapped_back, rtol=0, atol=1e-6)
+        assert (parameter.detach() - make_params()[name].detach()).abs().max() > 1e-3  # it really moved
+
+
+def test_orthoadam_differs_from_adamw_on_the_same_gradients():
+    """Negative control: with a mixing rotation the trajectory is not Adam's."""
+    params_ortho, params_adamw = make_params(), make_params()
+    grads = gradient_stream(10)
+    run(OrthoAdam(groups_of(params_ortho, True), lr=0.05), params_ortho, grads)
+    run(torch.optim.AdamW(groups_of(params_adamw, False), lr=0.05), params_adamw, grads)
+    for name in ("blocks.0.weight", "blocks.0.bias", "conv.weight", "emb"):
+        difference = (params_ortho[name] - params_adamw[name]).abs().max()
+        assert difference > 1e-2, (name, difference)
+    # A scalar has nothing to mix with: there OrthoAdam is AdamW.
+    torch.testing.assert_close(params_ortho["gain"], params_adamw["gain"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "hadamard"])
+def test_gradient_on_one_coordinate_gives_a_non_axis_aligned_update(kind):
+    """Adam moves only the coordinate that gets gradient; OrthoAdam spreads the update over the whole matrix."""
+    weight = torch.nn.Parameter(torch.zeros(8, 12, dtype=torch.float64))
+    reference = torch.nn.Parameter(torch.zeros(8, 12, dtype=torch.float64))
+    ortho = OrthoAdam([("w", weight)], lr=0.01, rotation=kind)
+    adamw = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.0)
+    for step in range(5):
+        gradient = torch.zeros(8, 12, dtype=torch.float64)
+        gradient[2, 3] = 1.0 + step
+        weight.grad, reference.grad = gradient.clone(), gradient.clone()
+        ortho.step()
+        adamw.step()
+    assert (reference.detach() != 0).sum() == 1
+    moved = weight.detach().abs() > 1e-9
+    assert moved.sum() >= 0.9 * weight.numel(), moved.sum()
+    assert weight.detach().abs().max() < 0.9 * weight.detach().abs().sum() / 2  # not concentrated on one entry
+
+
+@pytest.mark.parametrize("kind", ["dense", "hadamard"])
+def test_state_dict_round_trip_continues_bit_identically(kind):
+    params = make_params(torch.float32)
+    grads = gradient_stream(8, torch.float32)
+    optimizer = OrthoAdam(groups_of(params, True), lr=0.01, rotation=kind, seed=3)
+    run(optimizer, params, grads[:4])
+    buffer = io.BytesIO()
+    torch.save({"params": {n: p.detach().clone() for n, p in params.items()}, "optim": optimizer.state_dict()}, buffer)
+    run(optimizer, params, grads[4:])
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    restored = {n: torch.nn.Parameter(p) for n, p in checkpoint["params"].items()}
+    # A fresh optimiser built with other settings: the checkpoint's seed and rotation kind must win.
+    resumed = OrthoAdam(groups_of(restored, True), lr=0.01, rotation="hadamard" if kind == "dense" else "dense")
+    resumed.load_state_dict(checkpoint["optim"])
+    run(resumed, restored, grads[4:])
+    for name in params:
+        assert torch.equal(params[name].detach(), restored[name].detach()), name
+
+
+def test_loading_onto_other_shapes_fails_clearly():
+    params = make_params()
+    optimizer = OrthoAdam(groups_of(params, True))
+    run(optimizer, params, gradient_stream(1))
+    other = make_params()
+    other["emb"] = torch.nn.Parameter(torch.zeros(41, 5, dtype=torch.float64))
+    target = OrthoAdam(groups_of(other, True))
+    with pytest.raises(OrthoAdamStateError, match=r"\(emb\) has exp_avg of shape \(40, 5\) but the parameter has "
+                                                  r"shape \(41, 5\)"):
+        target.load_state_dict(optimizer.state_dict())
+    state = copy.deepcopy(optimizer.state_dict())
+    state["param_groups"][0]["params"].append(99)
+    with pytest.raises(OrthoAdamStateError, match="holds 6 parameters but this optimiser has 5"):
+        OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
+
+
+def test_loading_a_state_dict_from_another_rotation_scheme_fails_clearly():
+    params = make_params()
+    optimizer = OrthoAdam(groups_of(params, True))
+    run(optimizer, params, gradient_stream(1))
+    state = optimizer.state_dict()
+    state["param_groups"][1]["rotation_version"] = 0
+    with pytest.raises(OrthoAdamStateError, match="rotation scheme version 0 but this ds_orthoadam builds version"):
+        OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"lr": -1e-3}, "invalid learning rate lr=-0.001"),
+    ({"betas": (1.0, 0.999)}, r"invalid betas\[0\]=1.0: betas must lie in \[0, 1\)"),
+    ({"betas": (0.9, -0.1)}, r"invalid betas\[1\]=-0.1"),
+    ({"eps": -1.0}, "invalid eps"),
+    ({"weight_decay": -0.1}, "invalid weight_decay"),
+    ({"rotation": "signed_permutation"}, "unknown rotation kind 'signed_permutation': choose one of dense, hadamard"),
+    ({"max_dense_dim": 0}, "invalid max_dense_dim=0"),
+    ({"seed": 1.5}, "invalid seed=1.5"),
+])
+def test_bad_hyper_parameters_fail_clearly(kwargs, message):
+    with pytest.raises(OrthoAdamConfigError, match=message):
+        OrthoAdam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+    with pytest.raises(OrthoAdamConfigError, match=message):  # the same check for a per-group override
+        OrthoAdam([{"params": [torch.nn.Parameter(torch.zeros(3))]}, {"params": [torch.nn.Parameter(torch.zeros(2))],
+                                                                       **kwargs}])
+
+
+def test_rotation_memory_report_matches_the_rotations_module():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 7))
+    for kind in ("dense", "hadamard"):
+        optimizer = OrthoAdam(model.named_parameters(), rotation=kind, seed=2)
+        assert optimizer.rotation_nbytes() == rotation_nbytes(model.named_parameters(), kind, seed=2)
+    assert OrthoAdam(model.named_parameters()).rotation_nbytes() == 4 * (24**2 + 16**2 + 3 * 24**2 + 7**2 + 24**2
+                                                                        + 7**2)
+
+
+def test_trains_a_bfloat16_model_with_float32_moments():
+    """Plain PyTorch loop: least squares on a bf16 linear layer; moments are float32, the loss falls."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(64, 16), torch.randn(64, 4)
+    model = torch.nn.Linear(16, 4).to(torch.bfloat16)
+    optimizer = OrthoAdam(model.named_parameters(), lr=0.02, rotation="hadamard")
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(inputs.bfloat16()).float(), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert optimizer.state[model.weight]["exp_avg"].dtype == torch.float32
+    assert model.weight.dtype == torch.bfloat16
+    assert losses[-1] < 0.75 * losses[0]
+
+
+def test_parameters_without_gradients_are_skipped():
+    params = make_params()
+    optimizer = OrthoAdam(groups_of(params, True), lr=0.1)
+    before = params["gain"].detach().clone()
+    params["emb"].grad = torch.ones(40, 5, dtype=torch.float64)
+    optimizer.step()
+    assert torch.equal(params["gain"].detach(), before) and params["gain"] not in optimizer.state
+    assert optimizer.state[params["emb"]]["step"] == 1

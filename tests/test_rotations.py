@@ -1,0 +1,171 @@
+"""Rotations: orthogonal, really mixing, Haar-distributed, reproducible from (seed, key, shape, kind)."""
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import scipy.linalg
+import torch
+
+from ds_orthoadam.rotations import (
+    RotationKindError,
+    haar_orthogonal,
+    make_rotation,
+    normalised_hadamard,
+    rotation_nbytes,
+)
+
+SHAPES = [(), (1,), (2,), (7,), (16,), (12,), (5, 6), (8, 4), (1, 9), (3, 4, 5), (2, 3, 1, 2), (263,), (2, 263)]
+# "dense-fallback": dense kind with a tiny max_dense_dim, so long axes take the structured transform.
+KINDS = [("dense", 4096), ("hadamard", 4096), ("dense-fallback", 4)]
+
+
+def full_matrix(rotation, shape) -> torch.Tensor:
+    """The matrix of ``rotation`` acting on flattened tensors of ``shape``, built column by column."""
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=torch.float64)
+    return torch.stack([rotation.rotate(basis[i].reshape(shape)).reshape(-1) for i in range(n)], dim=1)
+
+
+def build(shape, kind, max_dense_dim, key="layer.weight", seed=0):
+    kind = "dense" if kind == "dense-fallback" else kind
+    return make_rotation(shape, kind, seed=seed, key=key, max_dense_dim=max_dense_dim, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind,max_dense_dim", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rotation_is_orthogonal_and_unrotate_inverts_it(shape, kind, max_dense_dim):
+    rotation = build(shape, kind, max_dense_dim)
+    q = full_matrix(rotation, shape)
+    identity = torch.eye(q.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(q.T @ q, identity, rtol=0, atol=1e-6)
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(rotation.unrotate(x).reshape(-1), q.T @ x.reshape(-1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(rotation.unrotate(rotation.rotate(x)), x, rtol=0, atol=1e-10)
+
+
+MIXING_SHAPES = [(12,), (8, 4), (48,), (24, 10), (6, 20), (100,), (263,), (2, 263)]
+
+
+@pytest.mark.parametrize("shape", MIXING_SHAPES)
+def test_hadamard_rotation_mixes_every_coordinate(shape):
+    """No coordinate keeps most of its energy and each spreads over most outputs (unlike a signed permutation)."""
+    q = full_matrix(build(shape, "hadamard", 4096), shape)
+    largest_share = (q**2).max(dim=0).values
+    assert largest_share.max() <= 0.75, largest_share.max()
+    reached = (q.abs() > 1e-9).sum(dim=0)
+    assert reached.min() >= q.shape[0] // 2, reached.min()
+
+
+@pytest.mark.parametrize("shape", MIXING_SHAPES)
+def test_dense_rotation_connects_every_pair_of_coordinates(shape):
+    q = full_matrix(build(shape, "dense", 4096), shape)
+    assert (q.abs() > 1e-9).all()
+
+
+@pytest.mark.parametrize("shape,kind", [((6, 10), "dense"), ((64, 12), "hadamard"), ((3, 2, 5), "hadamard")])
+def test_rotation_is_the_kronecker_product_of_its_axis_factors(shape, kind):
+    """The digit-cycle application equals torch.kron of all factors times the diagonal of all signs."""
+    rotation = make_rotation(shape, kind, key="w", dtype=torch.float64)
+    factors = [f for axis in rotation.axes for f in axis.factors]
+    signs = [axis.signs if axis.signs is not None else torch.ones(axis.size, dtype=torch.float64)
+             for axis in rotation.axes]
+    expected = functools.reduce(torch.kron, factors) @ torch.diag(functools.reduce(torch.kron, signs))
+    torch.testing.assert_close(full_matrix(rotation, shape), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 4, 64, 256])
+def test_hadamard_blocks_match_scipy(n):
+    expected = torch.from_numpy(scipy.linalg.hadamard(n)).double() / math.sqrt(n)
+    torch.testing.assert_close(normalised_hadamard(n), expected, rtol=0, atol=1e-15)
+
+
+def test_hadamard_rotation_does_not_flatten_a_one_hot_vector():
+    """A bare H D maps e_j to a flat vector (|entries| all 1/sqrt(n)): Adam would then treat it like e_j itself."""
+    one_hot = torch.zeros(512, dtype=torch.float64)
+    one_hot[7] = 1.0
+    magnitudes = make_rotation((512,), "hadamard", key="b", dtype=torch.float64).rotate(one_hot).abs()
+    assert magnitudes.std() > 0.2 * magnitudes.mean()
+
+
+def test_dense_axes_are_haar_distributed():
+    """Haar moments: E[Q_ij] = 0 and E[Q_ij^2] = 1/n (plain QR without the sign fix has E[Q_ii] near +-0.5)."""
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.stack([haar_orthogonal(3, generator) for _ in range(3000)])
+    assert samples.mean(dim=0).abs().max() < 0.05
+    torch.testing.assert_close((samples**2).mean(dim=0), torch.full((3, 3), 1 / 3, dtype=torch.float64),
+                               rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("kind", ["dense", "hadamard"])
+def test_rotation_is_a_function_of_seed_key_shape_kind(kind):
+    x = torch.randn(6, 10)
+    same = make_rotation((6, 10), kind, seed=3, key="h.0.attn.weight").rotate(x)
+    assert torch.equal(same, make_rotation((6, 10), kind, seed=3, key="h.0.attn.weight").rotate(x))
+    for other in (make_rotation((6, 10), kind, seed=4, key="h.0.attn.weight"),
+                  make_rotation((6, 10), kind, seed=3, key="h.1.attn.weight")):
+        assert not torch.allclose(other.rotate(x), same)
+
+
+def test_rotation_is_identical_in_a_fresh_process_with_another_hash_seed():
+    """No dependence on Python's salted hash() or on global RNG state: what ranks and restarts rely on."""
+    code = ("import torch; from ds_orthoadam.rotations import make_rotation; torch.manual_seed(123);"
+            "x = torch.arange(60, dtype=torch.float64).reshape(6, 10);"
+            "print([make_rotation((6, 10), k, 7, 'blk.w', dtype=torch.float64).rotate(x).sum().item()"
+            " for k in ('dense', 'hadamard')])")
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    x = torch.arange(60, dtype=torch.float64).reshape(6, 10)
+    here = [make_rotation((6, 10), k, 7, "blk.w", dtype=torch.float64).rotate(x).sum().item()
+            for k in ("dense", "hadamard")]
+    assert out.stdout.strip() == str(here)
+
+
+def test_rotation_works_in_float32_and_rejects_a_wrong_shape():
+    rotation = make_rotation((4, 6), "dense", key="w", dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float32)
+    y = rotation.rotate(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), rotation.rotate(x.double()), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"built for shape \(4, 6\)"):
+        rotation.rotate(torch.zeros(6, 4))
+
+
+def test_unknown_kind_fails_clearly():
+    with pytest.raises(RotationKindError, match="unknown rotation kind 'signed_permutation'.*dense, hadamard"):
+        make_rotation((4, 4), "signed_permutation")
+
+
+def test_rotation_nbytes_counts_matrices_signs_and_permutations():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Embedding(5000, 8))
+    # dense: weight 10x6 -> 10^2 + 6^2 floats; bias -> 10^2; the 5000 axis exceeds 4096, so it is a Hadamard axis:
+    # 5000 = 5^4 * 2^3 -> 5000 signs + Haar blocks 25, 25 and 8 (the first power-of-two block is Haar too);
+    # the embedding's 8-axis is dense: 8^2.
+    embedding_axis = 5000 + 2 * 25**2 + 8**2
+    assert rotation_nbytes(model.named_parameters(), "dense") == 4 * (10**2 + 6**2 + 10**2 + embedding_axis + 8**2)
+    # hadamard: 10 = 5 * 2 -> 10 signs + 5^2 + 2^2; 6 = 3 * 2 -> 6 + 3^2 + 2^2; bias as 10; the 8-axis: 8 + 8^2.
+    # (Shared Hadamard blocks are not counted.)
+    expected = 4 * ((10 + 25 + 4) + (6 + 9 + 4) + (10 + 25 + 4) + embedding_axis + 8 + 64)
+    assert rotation_nbytes(model.named_parameters(), "hadamard") == expected
+    assert sum(make_rotation(p.shape, "hadamard", key=n).nbytes for n, p in model.named_parameters()) == expected
+    # 263 is prime > 256: three windows of 256 signs (float32) and a permutation of 263 int64 indices.
+    assert rotation_nbytes([("v", torch.zeros(263))], "hadamard") == 4 * 3 * 256 + 8 * 263
+
+
+@pytest.mark.parametrize("shape,kind", [((6, 10), "dense"), ((64, 12), "hadamard"), ((2, 263), "hadamard"),
+                                        ((16,), "hadamard"), ((), "dense")])
+def test_workspace_path_matches_the_allocating_path_and_leaves_the_input_alone(shape, kind):
+    rotation = make_rotation(shape, kind, key="w", dtype=torch.float64)
+    workspace = (torch.full((2000,), float("nan"), dtype=torch.float64),
+                 torch.full((2000,), float("nan"), dtype=torch.float64))
+    x = torch.randn(shape, dtype=torch.float64)
+    original = x.clone()
+    rotated = rotation.rotate(x, workspace)
+    assert torch.equal(x, original)
+    torch.testing.assert_close(rotated, rotation.rotate(x), rtol=0, atol=1e-12)
+    # The input of unrotate may itself live in the workspace (how OrthoAdam reuses the rotated gradient's buffer).
+    expected = rotation.unrotate(rotated.clone())
+    torch.testing.assert_close(rotation.unrotate(rotated, workspace), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(expected, original, rtol=0, atol=1e-12)
