@@ -36,6 +36,38 @@ tokenizer: demo-data
 	$(OFFLINE_ENV) $(PY) -m ds_orthoadam.data.tokenizer --data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) \
 		--vocab-size $(TOKENIZER_VOCAB)
 
+# ---------------------------------------------------------------------------------------------- training (issue 6)
+# make train-<model> [ATTN=softmax|softmax1] [OPT=adamw|orthoadam] [NUM_GPUS=8] [HOSTFILE=launch/hostfile
+#   MASTER_ADDR=node1] [TRAIN_DATA=c4] [TRAIN_TOKENIZER=...] [RUN_DIR=...] [TRAIN_ARGS="--resume auto ..."]
+# The paper's four variants: ATTN=softmax OPT=adamw (baseline), ATTN=softmax1 OPT=adamw, ATTN=softmax
+# OPT=orthoadam, ATTN=softmax1 OPT=orthoadam (default).
+TRAIN_MODELS := gpt2-60m gpt2-130m gpt2-350m gpt2-1.4b llama-60m llama-130m llama-350m llama-1.4b
+ATTN         ?= softmax1
+OPT          ?= orthoadam
+NUM_GPUS     ?= 8
+TRAIN_DATA      ?= c4
+TRAIN_TOKENIZER ?= data/c4/tokenizer
+RUN_ROOT     ?= runs
+TRAIN_ARGS   ?=
+TRAIN_LAUNCH  = $(if $(HOSTFILE),launch/train_multi_node.sh,launch/train_single_node.sh)
+
+.PHONY: $(addprefix train-,$(TRAIN_MODELS)) tensorboard demo
+
+## train-<model>: pre-train one model size on this node (or on HOSTFILE's nodes), e.g. make train-llama-130m
+$(addprefix train-,$(TRAIN_MODELS)): train-%: setup
+	NUM_GPUS=$(NUM_GPUS) VENV=$(VENV) $(TRAIN_LAUNCH) $* --attention $(ATTN) --optimizer $(OPT) \
+	  --data $(TRAIN_DATA) --tokenizer $(TRAIN_TOKENIZER) \
+	  --output-dir $(or $(RUN_DIR),$(RUN_ROOT)/$*-$(ATTN)-$(OPT)) $(TRAIN_ARGS)
+
+## tensorboard: serve every run's TensorBoard logs under RUN_ROOT (default runs/) on port TB_PORT (6006)
+TB_PORT ?= 6006
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(RUN_ROOT) --port $(TB_PORT) --bind_all
+
+## demo: 2-rank CPU pre-training of llama-tiny (softmax-1 + OrthoAdam) on the demo corpus, evaluation, export
+demo: setup demo-data tokenizer
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m ds_orthoadam.demo --output-dir $(RUN_ROOT)/demo
+
 ## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
 ## (MODEL, DATA required; SAMPLES defaults to 1000, OUT to analysis; ANALYZE_ARGS adds options)
 ANALYZE_USAGE := usage: make analyze MODEL="DIR [DIR2 ...]" DATA=SRC [SAMPLES=N] [OUT=DIR] [ANALYZE_ARGS=...]

@@ -33,5 +33,7 @@ setup(
         "ds-orthoadam-tokenizer=ds_orthoadam.data.tokenizer:main",
         "ds-orthoadam-pretokenize=ds_orthoadam.data.pretokenize:main",
         "ds-orthoadam-analyze=ds_orthoadam.analysis.cli:main",
+        "ds-orthoadam-train=ds_orthoadam.train:main",
+        "ds-orthoadam-export=ds_orthoadam.export:main",
     ]},
 )

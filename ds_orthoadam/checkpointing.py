@@ -1,0 +1,213 @@
+"""DeepSpeed checkpoints of a training run: complete-only ``latest``, keep-last-K, exact resume, run identity.
+
+Layout of an output directory::
+
+    run.json                         what this run is (model, attention, optimiser, data, ...): written once
+    checkpoints/global_step<N>/      DeepSpeed's files for step N (+ ds_orthoadam_complete.json once complete)
+    checkpoints/latest               tag of the newest complete checkpoint (DeepSpeed's own pointer file)
+
+Why not ``engine.save_checkpoint(save_latest=True)``: in DeepSpeed 0.19.8 rank 0 writes ``latest`` as soon as *its
+own* files are written, before the closing barrier, i.e. possibly while other ranks are still writing their ZeRO
+optimizer shards; a crash at that moment leaves ``latest`` pointing at a partial checkpoint. Here every rank saves
+with ``save_latest=False``, all ranks meet at a barrier, and only then rank 0 writes a completion marker into the tag
+directory and atomically replaces ``latest`` (write a temporary file, ``os.replace``). A checkpoint interrupted while
+being written therefore never becomes latest; its directory (no marker) is removed when the run resumes.
+
+``client_state`` carries the training step, tokens seen, the run identity and, per rank (gathered, since DeepSpeed
+stores client_state from rank 0 only), the data-stream position and RNG states, so that ``--resume auto`` continues
+with exactly the batch and random state an uninterrupted run would have had.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_SUBDIR = "checkpoints"
+RUN_FILE = "run.json"
+COMPLETE_MARKER = "ds_orthoadam_complete.json"
+CLIENT_STATE_KEY = "ds_orthoadam"
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used as asked; the message says why and what to do."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and, when present, CUDA) generator states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a list of one element without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class CheckpointManager:
+    """Saves and resumes DeepSpeed checkpoints under ``output_dir/checkpoints`` for one run."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int) -> None:
+        if keep_last < 1:
+            raise CheckpointError(f"--keep-checkpoints must be at least 1, got {keep_last}")
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / CHECKPOINT_SUBDIR
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ inspecting the directory
+
+    def _tag_dirs(self) -> list[tuple[int, Path]]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for path in self.checkpoint_dir.iterdir():
+            match = TAG_PATTERN.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def complete_tags(self) -> list[str]:
+        """Tags of complete checkpoints, oldest first."""
+        return [path.name for _, path in self._tag_dirs() if (path / COMPLETE_MARKER).is_file()]
+
+    def latest_complete_tag(self) -> str | None:
+        tags = self.complete_tags()
+        return tags[-1] if tags else None
+
+    def holds_checkpoints(self) -> bool:
+        """Whether anything checkpoint-like (ours or a bare DeepSpeed one) is in the output directory."""
+        return bool(self._tag_dirs()) or (self.checkpoint_dir / "latest").exists()
+
+    # ------------------------------------------------------------------ run identity
+
+    def claim(self, identity: dict, resume: str) -> str | None:
+        """Check that this run may use the output directory; returns the tag to resume from (or None).
+
+        ``resume``: ``none`` (fresh run; refuses a directory that already holds checkpoints), ``auto`` (newest
+        complete checkpoint if there is one, else a fresh run) or a tag such as ``global_step1000``. The directory
+        must not hold checkpoints of a run with a different identity (model, attention, optimiser, ...). Called on
+        every rank; only rank 0 writes.
+        """
+        run_file = self.output_dir / RUN_FILE
+        recorded = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+        has_checkpoints = self.holds_checkpoints()
+        if has_checkpoints:
+            if recorded is None:
+                raise CheckpointError(f"{self.output_dir} holds checkpoints but no {RUN_FILE}: they belong to another "
+                                      "program or run; choose a new --output-dir")
+            differences = {key: (recorded.get(key), value) for key, value in identity.items()
+                           if recorded.get(key) != value}
+            if differences:
+                listed = "; ".join(f"{key}: checkpoint has {old!r}, this run {new!r}"
+                                   for key, (old, new) in differences.items())
+                raise CheckpointError(f"{self.output_dir} holds checkpoints of another run ({listed}); choose a new "
+                                      "--output-dir or repeat the original run's settings to resume it")
+            if resume == "none":
+                raise CheckpointError(f"{self.output_dir} already holds checkpoints ({self.latest_complete_tag()} is "
+                                      "the newest complete one); pass --resume auto to continue it or choose a new "
+                                      "--output-dir")
+        tag = self._resume_tag(resume)
+        _barrier()  # everyone has read the directory before rank 0 changes it
+        if _is_rank0():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not has_checkpoints:  # a run that never reached its first checkpoint leaves nothing to protect
+                _atomic_write(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+            self._remove_incomplete()
+        _barrier()
+        return tag
+
+    def _resume_tag(self, resume: str) -> str | None:
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest_complete_tag()
+        if resume not in self.complete_tags():
+            raise CheckpointError(f"--resume {resume!r}: no complete checkpoint of that name in {self.checkpoint_dir} "
+                                  f"(complete: {', '.join(self.complete_tags()) or 'none'}); use auto, none or one of "
+                                  "those tags")
+        return resume
+
+    def _remove_incomplete(self) -> None:
+        """Delete tag directories without a completion marker: saves that were interrupted (never loadable)."""
+        for _, path in self._tag_dirs():
+            if not (path / COMPLETE_MARKER).is_file():
+                print(f"[checkpoint] removing incomplete checkpoint {path} (its save was interrupted)", flush=True)
+                shutil.rmtree(path)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, engine, step: int, shared_state: dict, rank_state: dict) -> str:
+        """Save a complete checkpoint of ``engine`` at ``step``; collective (every rank must call it).
+
+        ``shared_state`` is the same on every rank (step, tokens, run identity); ``rank_state`` differs per rank
+        (data position, RNG) and is gathered so that each rank gets its own back on resume.
+        """
+        tag = tag_for_step(step)
+        client_state = {CLIENT_STATE_KEY: {**shared_state, "per_rank": _gather(rank_state)}}
+        engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        _barrier()  # every rank's files are on disk: only now may the checkpoint become visible
+        if _is_rank0():
+            tag_dir = self.checkpoint_dir / tag
+            _atomic_write(tag_dir / COMPLETE_MARKER, json.dumps({"step": step}) + "\n")
+            _atomic_write(self.checkpoint_dir / "latest", tag)
+            for old in self.complete_tags()[:-self.keep_last]:
+                shutil.rmtree(self.checkpoint_dir / old)
+        _barrier()
+        return tag
+
+    def load(self, engine, tag: str) -> tuple[dict, dict]:
+        """Load checkpoint ``tag`` into ``engine``: (shared state, this rank's state)."""
+        load_path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        if load_path is None or CLIENT_STATE_KEY not in (client_state or {}):
+            raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded or lacks the trainer "
+                                  "state; resume from another tag (--resume TAG) or start a new --output-dir")
+        state = dict(client_state[CLIENT_STATE_KEY])
+        per_rank = state.pop("per_rank")
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if len(per_rank) != world_size:
+            raise CheckpointError(f"checkpoint {tag} was written by {len(per_rank)} ranks but this run has "
+                                  f"{world_size}; resume with the same number of ranks (data positions are per rank)")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return state, per_rank[rank]

@@ -1,0 +1,58 @@
+"""Validation loss and perplexity of a causal LM, token-weighted and averaged over data-parallel ranks."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from ds_orthoadam.data import IGNORE_INDEX
+
+
+def causal_lm_inputs(batch: Mapping[str, torch.Tensor] | torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model keyword arguments for next-token training from a batch of token ids.
+
+    A batch is a tensor of ids or a mapping with ``input_ids`` (and optionally ``attention_mask`` / ``labels``).
+    Labels default to the ids, with padded positions (attention_mask 0) ignored; transformers shifts them.
+    """
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    inputs = {key: value.to(device) for key, value in batch.items() if key in ("input_ids", "attention_mask", "labels")}
+    if "labels" not in inputs:
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels[inputs["attention_mask"] == 0] = IGNORE_INDEX
+        inputs["labels"] = labels
+    return inputs
+
+
+def predicted_tokens(labels: torch.Tensor) -> int:
+    """Number of positions that contribute to the loss (every label but the first of a row, minus ignored ones)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: Iterable, device: torch.device) -> float:
+    """Mean next-token cross-entropy (nats) over all predicted tokens of every rank's ``batches``.
+
+    Each rank evaluates its own batches; token-weighted sums are all-reduced, so the result is the same as one
+    process evaluating all batches. The model is returned to its previous train/eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: NCCL reduces GPU tensors
+    for batch in batches:
+        inputs = causal_lm_inputs(batch, device)
+        count = predicted_tokens(inputs["labels"])
+        totals += torch.tensor([float(model(**inputs).loss) * count, count], dtype=torch.float64, device=device)
+    model.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    if totals[1] == 0:
+        raise ValueError("the validation set has no tokens to predict; check --val-data / --val-samples")
+    return float(totals[0] / totals[1])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss)

@@ -1,0 +1,162 @@
+"""DeepSpeed config of a training run: a per-size JSON from ``ds_configs/`` plus small overrides, validated.
+
+A run's config is composed, never copied: ``ds_configs/<model>.json`` (the paper's setup for that size) deep-merged
+with zero or more override files (``ds_configs/variants/orthoadam.json`` selects the optimiser variant) and then
+``--set dotted.key=value`` edits (e.g. ``scheduler.params.total_num_steps=100`` for a shortened run). The attention
+variant is a model option (``--attention``), not a DeepSpeed setting.
+
+Validation happens here, before any process group or model exists, so that a bad batch arithmetic or a missing file
+is one clear message instead of a DeepSpeed assertion on every rank.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+VARIANT_DIR = DS_CONFIG_DIR / "variants"
+SCHEDULER_TYPE = "WarmupCosineLR"
+
+
+class RunConfigError(ValueError):
+    """A DeepSpeed config (or override) that cannot be used; the message names the problem and the fix."""
+
+
+def default_ds_config_path(model_name: str) -> Path:
+    """``ds_configs/<model_name>.json``: the paper's setup for that model size."""
+    return DS_CONFIG_DIR / f"{model_name}.json"
+
+
+def variant_path(name: str) -> Path:
+    """``ds_configs/variants/<name>.json`` (e.g. ``orthoadam``): a small override applied on top of a size config."""
+    return VARIANT_DIR / f"{name}.json"
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``, or a RunConfigError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunConfigError(f"config file {path} does not exist; pass an existing JSON file "
+                             f"(per-size configs are in {DS_CONFIG_DIR})")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunConfigError(f"config file {path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise RunConfigError(f"config file {path} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in: nested objects merge key by key, every other value is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_assignment(assignment: str) -> dict:
+    """``"a.b.c=VALUE"`` -> ``{"a": {"b": {"c": VALUE}}}``; VALUE is parsed as JSON when it is JSON, else a string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RunConfigError(f"--set {assignment!r} is not of the form dotted.key=value "
+                             "(e.g. scheduler.params.total_num_steps=100)")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def compose_ds_config(base: str | os.PathLike, override_files: list = (), assignments: list[str] = ()) -> dict:
+    """The merged config: ``base`` JSON, then each override file in order, then each ``--set`` assignment."""
+    config = read_json(base)
+    for override in override_files:
+        config = deep_merge(config, read_json(override))
+    for assignment in assignments:
+        config = deep_merge(config, parse_assignment(assignment))
+    return config
+
+
+def _positive_int(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RunConfigError(f"{key} must be a positive integer in the DeepSpeed config, got {value!r}")
+    return value
+
+
+def gradient_accumulation_steps(config: dict, world_size: int) -> int:
+    """Accumulation steps implied by the config on ``world_size`` data-parallel ranks, checked for consistency.
+
+    DeepSpeed requires train_batch_size == micro_batch x accumulation x world_size; it fails with an assertion
+    deep inside initialize otherwise. We check the same identity up front and say which number to change.
+    """
+    batch = _positive_int(config, "train_batch_size")
+    micro = _positive_int(config, "train_micro_batch_size_per_gpu")
+    per_step = micro * world_size
+    if "gradient_accumulation_steps" in config:
+        accumulation = _positive_int(config, "gradient_accumulation_steps")
+        if batch != per_step * accumulation:
+            raise RunConfigError(
+                f"inconsistent batch arithmetic: train_batch_size={batch} but train_micro_batch_size_per_gpu={micro}"
+                f" x gradient_accumulation_steps={accumulation} x world_size={world_size} = {per_step * accumulation}"
+                "; remove gradient_accumulation_steps (it is derived) or make the product match")
+        return accumulation
+    if batch % per_step:
+        raise RunConfigError(
+            f"inconsistent batch arithmetic: train_batch_size={batch} is not divisible by "
+            f"train_micro_batch_size_per_gpu={micro} x world_size={world_size} = {per_step}; change the micro batch "
+            f"(--set train_micro_batch_size_per_gpu=N) or the number of ranks so that it divides {batch}")
+    return batch // per_step
+
+
+def scheduler_steps(config: dict) -> tuple[int, int]:
+    """(warmup_num_steps, total_num_steps) of the config's WarmupCosineLR, which the trainer requires."""
+    scheduler = config.get("scheduler")
+    if not isinstance(scheduler, dict) or scheduler.get("type") != SCHEDULER_TYPE:
+        raise RunConfigError(f"the DeepSpeed config must have a \"scheduler\" of type {SCHEDULER_TYPE} "
+                             f"(the paper's linear warmup + cosine decay), got {scheduler!r}")
+    params = scheduler.get("params", {})
+    warmup, total = params.get("warmup_num_steps"), params.get("total_num_steps")
+    for name, value in (("warmup_num_steps", warmup), ("total_num_steps", total)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise RunConfigError(f"scheduler.params.{name} must be a positive integer, got {value!r}")
+    if warmup >= total:
+        raise RunConfigError(f"scheduler.params.warmup_num_steps={warmup} must be below total_num_steps={total}")
+    return warmup, total
+
+
+def optimizer_type(config: dict) -> str:
+    """The optimiser name of the config (``AdamW``, ``OrthoAdam``, ...)."""
+    optimizer = config.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("type"), str):
+        raise RunConfigError("the DeepSpeed config must have an \"optimizer\" section with a \"type\" "
+                             "(AdamW, or OrthoAdam via ds_configs/variants/orthoadam.json)")
+    return optimizer["type"]
+
+
+def validate(config: dict, world_size: int) -> None:
+    """Every check the trainer relies on: batch arithmetic, scheduler, optimiser, explicit clipping and fp16 scale."""
+    gradient_accumulation_steps(config, world_size)
+    scheduler_steps(config)
+    optimizer_type(config)
+    if "gradient_clipping" not in config:
+        raise RunConfigError("gradient_clipping must be set explicitly (DeepSpeed 0.19 silently defaults it to 1.0)")
+    fp16 = config.get("fp16", {})
+    if fp16.get("enabled") and "initial_scale_power" not in fp16:
+        raise RunConfigError("fp16.initial_scale_power must be set explicitly (DeepSpeed otherwise starts the "
+                             "dynamic loss scale at 2^32 instead of the documented 2^16)")
+
+
+def with_tensorboard(config: dict, log_dir: str | os.PathLike, job_name: str) -> dict:
+    """``config`` with DeepSpeed's TensorBoard monitor writing to ``log_dir/job_name`` (rank 0 only)."""
+    return deep_merge(config, {"tensorboard": {"enabled": True, "output_path": str(log_dir), "job_name": job_name}})

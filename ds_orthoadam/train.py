@@ -1,0 +1,362 @@
+"""Pre-train a GPT2/Llama model with DeepSpeed: ``deepspeed ... -m ds_orthoadam.train`` or ``ds-orthoadam-train``.
+
+One process per device, started by the deepspeed launcher (or torchrun). The DeepSpeed config (batch, ZeRO stage,
+precision, optimiser, LR schedule, TensorBoard) is ``ds_configs/<model>.json`` plus overrides (see
+:mod:`ds_orthoadam.run_config`); the attention variant is ``--attention``. Rank 0 prints progress lines and writes
+TensorBoard scalars (:mod:`ds_orthoadam.telemetry`); checkpoints are complete-or-invisible and resumable
+(:mod:`ds_orthoadam.checkpointing`); the run ends with an evaluation and a Hugging Face export
+(:mod:`ds_orthoadam.export`).
+
+Stopping: Ctrl-C / SIGTERM on any rank makes all ranks stop after the current optimiser step, save a checkpoint and
+exit with status 130 (a second Ctrl-C abandons the checkpoint being written; it never becomes ``latest``). A
+non-finite loss stops the run with status 3 without saving, so the newest checkpoint stays the last good one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import transformers
+
+import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
+from ds_orthoadam import run_config
+from ds_orthoadam.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
+from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
+from ds_orthoadam.export import ExportError, export_checkpoint
+from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, ModelConfigError, build_model
+from ds_orthoadam.telemetry import Telemetry, flops_per_token
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
+EXIT_INTERRUPTED = 130
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose; ``exit_code`` tells the launcher why."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _count(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (0 means "off" where an option allows it)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds-orthoadam-train",
+        description="Pre-train a GPT2/Llama model (softmax or softmax-1 attention; AdamW or OrthoAdam from the "
+                    "DeepSpeed config) on C4 or local text with DeepSpeed. Launch with `deepspeed --num_gpus N "
+                    "--module ds_orthoadam.train ...` (see launch/ and `make train-<model>`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, choices=sorted(MODEL_SPECS), metavar="NAME",
+                       help=f"model size: one of {', '.join(sorted(MODEL_SPECS))}")
+    model.add_argument("--attention", default="softmax1", choices=ATTENTION_CHOICES,
+                       help="attention normalisation: softmax (baseline) or softmax1 (softmax-1)")
+    model.add_argument("--norm", default="default", choices=NORM_CHOICES,
+                       help="normalisation layers: the family's default or RMSNorm with a single scalar gain")
+    model.add_argument("--seq-len", type=_count(1), default=256, help="training sequence length in tokens")
+    config = parser.add_argument_group("DeepSpeed config")
+    config.add_argument("--ds-config", default=None,
+                        help="DeepSpeed JSON (default: ds_configs/<model>.json; ds_configs/cpu.json for *-tiny)")
+    config.add_argument("--optimizer", default=None, choices=("adamw", "orthoadam"),
+                        help="optimiser variant: applies ds_configs/variants/<name>.json (default: the config's)")
+    config.add_argument("--ds-override", action="append", default=[], metavar="JSON",
+                        help="JSON file deep-merged into the config, in order (repeatable)")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                        help="edit one config value, e.g. --set scheduler.params.total_num_steps=100 (repeatable)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True,
+                      help="training source: 'c4' (hub), local C4 json(.gz) shards / directory / glob, or .txt files")
+    data.add_argument("--val-data", default=None,
+                      help="validation source (default: derived from --data: C4's validation split / shards)")
+    data.add_argument("--tokenizer", required=True, help="tokenizer.model or Hugging Face tokenizer directory")
+    data.add_argument("--val-samples", type=_count(1), default=1000,
+                      help="validation documents evaluated at every --eval-every and at the end (the paper's final "
+                           "evaluation uses 100000: ds-orthoadam-analyze on the export)")
+    data.add_argument("--data-workers", type=_count(0), default=0,
+                      help="background processes that read and tokenise training data (0: in the training process)")
+    data.add_argument("--seed", type=_count(0), default=0, help="seed for model init and data shuffling")
+    schedule = parser.add_argument_group("schedule")
+    schedule.add_argument("--train-steps", type=_count(0), default=None,
+                          help="optimiser steps to train to (default: the scheduler's total_num_steps)")
+    schedule.add_argument("--log-every", type=_count(1), default=10, help="steps between progress lines / TensorBoard")
+    schedule.add_argument("--eval-every", type=_count(0), default=1000,
+                          help="steps between validations (0: only at the end)")
+    schedule.add_argument("--outlier-every", type=_count(0), default=500,
+                          help="steps between outlier telemetry on the probe batch (0: off)")
+    schedule.add_argument("--probe-samples", type=_count(1), default=4,
+                          help="sequences in the fixed outlier probe batch")
+    schedule.add_argument("--peak-tflops", type=float, default=125.0,
+                          help="peak TFLOP/s per device for the MFU estimate (V100 fp16 tensor cores: 125)")
+    output = parser.add_argument_group("checkpoints and output")
+    output.add_argument("--output-dir", required=True,
+                        help="run directory: run.json, checkpoints/, tensorboard/, metrics.jsonl, hf/ "
+                             "(must be on a filesystem shared by all nodes)")
+    output.add_argument("--checkpoint-every", type=_count(1), default=1000, help="steps between checkpoints")
+    output.add_argument("--keep-checkpoints", type=_count(1), default=3, help="complete checkpoints kept (newest)")
+    output.add_argument("--resume", default="none",
+                        help="'none' (fresh run), 'auto' (newest complete checkpoint, if any) or a tag")
+    output.add_argument("--export-dir", default=None, help="Hugging Face export directory (default: OUTPUT/hf)")
+    output.add_argument("--no-export", action="store_true", help="skip the final Hugging Face export")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def compose_config(args: argparse.Namespace, world_size: int) -> dict:
+    """The run's validated DeepSpeed config, with TensorBoard pointed at the output directory."""
+    base = args.ds_config or (run_config.DS_CONFIG_DIR / "cpu.json" if args.model.endswith("-tiny")
+                              else run_config.default_ds_config_path(args.model))
+    overrides = ([run_config.variant_path(args.optimizer)] if args.optimizer else []) + args.ds_override
+    config = run_config.compose_ds_config(base, overrides, args.assignments)
+    run_config.validate(config, world_size)
+    return run_config.with_tensorboard(config, Path(args.output_dir) / "tensorboard", Path(args.output_dir).name)
+
+
+def initialize_engine(model: torch.nn.Module, ds_config: dict):
+    """The DeepSpeed engine for ``model``: ``ds_orthoadam.initialize`` resolves ``"type": "OrthoAdam"`` and passes
+    every other optimiser name through to ``deepspeed.initialize``."""
+    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine
+
+
+def make_train_stream(args: argparse.Namespace, tokenizer, micro_batch: int, rank: int, world_size: int):
+    return TrainStream(args.data, tokenizer, args.seq_len, micro_batch, rank, world_size, seed=args.seed,
+                       num_workers=args.data_workers)
+
+
+def make_validation_batches(args: argparse.Namespace, tokenizer, micro_batch: int, rank: int, world_size: int):
+    """This rank's share of the validation set (the same documents every time; built once, re-iterable)."""
+    return validation_batches(validation_source(args.data, args.val_data), tokenizer, args.seq_len, micro_batch,
+                              num_docs=args.val_samples, rank=rank, world_size=world_size)
+
+
+def run_identity(args: argparse.Namespace, model_args: dict, ds_config: dict, data_policy: dict) -> dict:
+    """What makes two invocations the same run: resuming into a directory requires all of it to match.
+
+    ``data_policy`` (source, BOS/EOS and packing policy, seed, ranks) is recorded so that "first token" means the
+    same thing in every analysis of the run.
+    """
+    return {"model_args": model_args, "optimizer": run_config.optimizer_type(ds_config), "data": args.data,
+            "tokenizer": str(args.tokenizer), "data_policy": data_policy}
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"[rank {os.environ.get('RANK', 0)}] {signal.Signals(signum).name}: stopping after this step and "
+              "saving a checkpoint (Ctrl-C again to abandon it)", file=sys.stderr, flush=True)
+
+
+def agree(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all ranks (one small all-reduce per step: loss and stop flag travel together)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+class Trainer:
+    """Owns the engine, data and reporting of one run; ``run()`` trains from the current step to the last."""
+
+    def __init__(self, args: argparse.Namespace, ds_config: dict) -> None:
+        self.args = args
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.output_dir = Path(args.output_dir)
+        self.gradient_accumulation = run_config.gradient_accumulation_steps(ds_config, self.world_size)
+        self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+        _, schedule_total = run_config.scheduler_steps(ds_config)
+        self.total_steps = args.train_steps if args.train_steps is not None else schedule_total
+
+        self.tokenizer = load_tokenizer(args.tokenizer)
+        self.model_args = dict(name=args.model, attention=args.attention, norm=args.norm,
+                               vocab_size=len(self.tokenizer), max_seq_len=args.seq_len,
+                               bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        self.stream = make_train_stream(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
+        self.identity = run_identity(args, self.model_args, ds_config, self.stream.policy)
+        self.checkpoints = CheckpointManager(self.output_dir, args.keep_checkpoints)
+        resume_tag = self.checkpoints.claim(self.identity, args.resume)
+
+        torch.manual_seed(args.seed)
+        model = build_model(**self.model_args)
+        self.flops_per_token = flops_per_token(model, args.seq_len)
+        self.engine = initialize_engine(model, ds_config)
+        self.device = self.engine.device
+        self.validation = make_validation_batches(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
+        self.probe_ids = next(iter(self.validation))["input_ids"][:args.probe_samples].to(self.device)
+        self.step, self.tokens_seen = 0, 0
+        if resume_tag is not None:
+            self._resume(resume_tag)
+        self.batches = iter(self.stream)
+        self.tokens_per_step = ds_config["train_batch_size"] * args.seq_len
+        self.telemetry = Telemetry(self.engine, tokens_per_step=self.tokens_per_step,
+                                   flops_per_token=self.flops_per_token, peak_tflops=args.peak_tflops,
+                                   world_size=self.world_size, total_steps=self.total_steps, rank=self.rank,
+                                   metrics_file=self.output_dir / "metrics.jsonl")
+        self.stop = StopRequest()
+        self.last_saved_step = self.step
+
+    def _resume(self, tag: str) -> None:
+        shared, mine = self.checkpoints.load(self.engine, tag)
+        self.step, self.tokens_seen = shared["step"], shared["tokens_seen"]
+        self.stream.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+        if self.rank == 0:
+            print(f"resumed from {self.checkpoints.checkpoint_dir / tag} at step {self.step}", flush=True)
+
+    def save(self) -> str:
+        shared = {"step": self.step, "tokens_seen": self.tokens_seen, "run": self.identity,
+                  "args": vars(self.args)}
+        tag = self.checkpoints.save(self.engine, self.step, shared, {"data": self.stream.state_dict(),
+                                                                     "rng": rng_state()})
+        self.last_saved_step = self.step
+        self.telemetry.print(f"step {self.step:>6}/{self.total_steps} | saved checkpoint {tag}")
+        return tag
+
+    def train_step(self) -> float:
+        """One optimiser step (all micro-batches of it); returns this rank's mean micro-batch loss."""
+        losses = []
+        for _ in range(self.gradient_accumulation):
+            loss = self.engine(**causal_lm_inputs(next(self.batches), self.device)).loss
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed only steps the optimiser at the accumulation boundary
+            losses.append(loss.detach().float())
+        return float(torch.stack(losses).mean())
+
+    def run(self) -> None:
+        self.telemetry.print(f"training {self.args.model} ({self.args.attention}, "
+                             f"{self.identity['optimizer']}) on {self.world_size} rank(s): steps {self.step + 1}.."
+                             f"{self.total_steps}, {self.tokens_per_step:,} tokens/step, "
+                             f"accumulation {self.gradient_accumulation}, output {self.output_dir}")
+        args = self.args
+        while self.step < self.total_steps:
+            local_loss = self.train_step()
+            loss_sum, stop_votes = agree([local_loss, float(self.stop.requested)], self.device)
+            loss = loss_sum / self.world_size
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            if not math.isfinite(loss):
+                raise TrainingStopped(f"loss is {loss} at step {self.step}: training stopped without saving; the "
+                                      f"newest checkpoint ({self.checkpoints.latest_complete_tag()}) is the last good "
+                                      "one (lower the learning rate or check the data, then --resume auto)",
+                                      EXIT_NON_FINITE_LOSS)
+            self.telemetry.train_step(self.step, loss, log=self.step % args.log_every == 0)
+            paused = time.perf_counter()
+            if args.eval_every and self.step % args.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if args.outlier_every and self.step % args.outlier_every == 0:
+                self.telemetry.outliers(self.step, self.engine.module, self.probe_ids)
+            if stop_votes > 0:
+                self.save()
+                raise TrainingStopped(f"stopped by a signal at step {self.step}; checkpoint saved, continue with "
+                                      "--resume auto", EXIT_INTERRUPTED)
+            if self.step % args.checkpoint_every == 0:
+                self.save()
+            self.telemetry.exclude_pause(time.perf_counter() - paused)
+        if self.last_saved_step != self.step:
+            self.save()
+
+    def evaluate(self) -> float:
+        loss = validation_loss(self.engine.module, self.validation, self.device)
+        self.telemetry.validation(self.step, loss)
+        return loss
+
+    def finish(self) -> None:
+        """Final evaluation, outlier telemetry and (rank 0) Hugging Face export of the newest checkpoint."""
+        self.evaluate()
+        if self.args.outlier_every and self.step % self.args.outlier_every:  # else the loop just measured them
+            self.telemetry.outliers(self.step, self.engine.module, self.probe_ids)
+        if not self.args.no_export and self.rank == 0:
+            export_dir = Path(self.args.export_dir or self.output_dir / "hf")
+            tag = self.checkpoints.latest_complete_tag()
+            export_checkpoint(self.checkpoints.checkpoint_dir, tag, self.engine.module.config, self.tokenizer,
+                              export_dir)
+            print(f"exported {tag} to {export_dir}", flush=True)
+        dist.barrier()
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Let rank 0 alone print library warnings (each rank would repeat them), and drop a torch deprecation notice
+    that DeepSpeed's ZeRO all-gather triggers on every step."""
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    if rank != 0:
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        transformers.utils.logging.set_verbosity_error()
+
+
+def single_process_defaults() -> None:
+    """Let a plain ``python -m ds_orthoadam.train`` run as a world of one (DeepSpeed would look for MPI instead)."""
+    if "RANK" not in os.environ:
+        from ds_orthoadam.demo import free_port
+
+        defaults = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        for name, value in defaults.items():
+            os.environ.setdefault(name, value)
+
+
+def _fail(message: str, exit_code: int) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    single_process_defaults()
+    world_size = int(os.environ["WORLD_SIZE"])
+    try:
+        ds_config = compose_config(args, world_size)
+    except run_config.RunConfigError as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    quiet_other_ranks(int(os.environ.get("RANK", "0")))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; its JIT build costs ~40 s
+    deepspeed.init_distributed()
+    exit_code = 0
+    try:
+        trainer = Trainer(args, ds_config)
+        trainer.run()
+        trainer.finish()
+    except (CheckpointError, DataError, ModelConfigError, ExportError) as error:
+        exit_code = _fail(str(error), EXIT_BAD_INPUT)
+    except TrainingStopped as stopped:
+        exit_code = _fail(str(stopped), stopped.exit_code)
+    if exit_code == 0:
+        dist.barrier()
+    dist.destroy_process_group()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train one model on several nodes with the deepspeed launcher (pdsh/ssh to every host of the hostfile).
+#
+#   HOSTFILE=launch/hostfile MASTER_ADDR=node1 launch/train_multi_node.sh MODEL [ds-orthoadam-train options...]
+#
+# Requirements: passwordless ssh from this node to every host; the repository and its .venv at the same path on
+# every node; --output-dir on a filesystem all nodes share (checkpoints are written by every rank).
+# The hostfile lists "HOST slots=8" per node (launch/hostfile.example). MASTER_ADDR is the address of the first host
+# as the other nodes reach it; MASTER_PORT defaults to 29500.
+#
+# Environment propagation: DeepSpeed exports PYTHON*, NCCL* and a few other variables to the remote ranks by itself;
+# everything else must be listed in .deepspeed_env (KEY=VALUE lines, read from the working directory). This script
+# writes ./.deepspeed_env from the current values of the variables named in DS_ENV_VARS (default below), so that the
+# remote ranks see the same Hugging Face cache/offline settings and PATH as this shell. Add your own, e.g.
+# DS_ENV_VARS="$DEFAULT_DS_ENV_VARS NCCL_SOCKET_IFNAME".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    echo "usage: HOSTFILE=FILE MASTER_ADDR=HOST $0 MODEL [ds-orthoadam-train options...]" >&2
+    exit 2
+fi
+: "${HOSTFILE:?set HOSTFILE to a deepspeed hostfile (lines 'HOST slots=8'; see launch/hostfile.example)}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of the first host in $HOSTFILE}"
+[[ -f "$HOSTFILE" ]] || { echo "hostfile $HOSTFILE does not exist" >&2; exit 2; }
+model="$1"; shift
+
+DEFAULT_DS_ENV_VARS="PATH HF_HOME HF_DATASETS_CACHE HF_HUB_OFFLINE HF_DATASETS_OFFLINE TOKENIZERS_PARALLELISM OMP_NUM_THREADS"
+: > .deepspeed_env
+for name in ${DS_ENV_VARS:-$DEFAULT_DS_ENV_VARS}; do
+    if [[ -n "${!name:-}" ]]; then
+        echo "$name=${!name}" >> .deepspeed_env
+    fi
+done
+echo "propagating to all nodes via .deepspeed_env: $(cut -d= -f1 .deepspeed_env | tr '\n' ' ')" >&2
+
+venv="${VENV:-.venv}"
+launcher="deepspeed"
+[[ -x "$venv/bin/deepspeed" ]] && launcher="$PWD/$venv/bin/deepspeed"
+exec "$launcher" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+    --module ds_orthoadam.train --model "$model" "$@"

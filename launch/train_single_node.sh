@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Train one model on one node with the deepspeed launcher (default: 8 GPUs).
+#
+#   launch/train_single_node.sh MODEL [ds-orthoadam-train options...]
+#   NUM_GPUS=8 MASTER_PORT=29500 launch/train_single_node.sh llama-130m --attention softmax1 --optimizer orthoadam \
+#       --data c4 --tokenizer data/tokenizer --output-dir runs/llama-130m
+#
+# Environment: NUM_GPUS (8), MASTER_PORT (29500; give concurrent runs distinct ports), VENV (.venv: its deepspeed
+# is used when present, else the one on PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    echo "usage: $0 MODEL [ds-orthoadam-train options...]   (e.g. $0 llama-60m --data c4 ...)" >&2
+    exit 2
+fi
+model="$1"; shift
+venv="${VENV:-.venv}"
+launcher="deepspeed"
+[[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed"
+exec "$launcher" --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" \
+    --module ds_orthoadam.train --model "$model" "$@"

@@ -1,0 +1,175 @@
+"""ds_configs/ and the trainer's config, checkpoint-directory and FLOP bookkeeping (no processes launched)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_orthoadam import run_config
+from ds_orthoadam.checkpointing import COMPLETE_MARKER, CheckpointError, CheckpointManager
+from ds_orthoadam.models import MODEL_SPECS, build_model
+from ds_orthoadam.telemetry import flops_per_token
+
+REPO = Path(__file__).resolve().parent.parent
+# Training setup from the paper (shared/PAPER.md): warmup and total steps per model size, 8 V100s, batch 512.
+PAPER_SCHEDULE = {"60m": (1000, 160_000), "130m": (2000, 320_000), "350m": (6000, 960_000), "1.4b": (10_000, 600_000)}
+PAPER_GPUS, PAPER_BATCH, PAPER_MAX_LR = 8, 512, 1e-3
+SIZE_CONFIGS = sorted(p for p in (REPO / "ds_configs").glob("*.json") if p.stem != "cpu")
+
+
+def test_every_trained_size_has_exactly_one_config():
+    trained = {name for name in MODEL_SPECS if not name.endswith("-tiny")}
+    assert {p.stem for p in SIZE_CONFIGS} == trained
+
+
+@pytest.mark.parametrize("path", SIZE_CONFIGS, ids=lambda p: p.stem)
+def test_size_config_follows_the_paper(path):
+    config = run_config.read_json(path)
+    run_config.validate(config, PAPER_GPUS)
+    size = path.stem.split("-", 1)[1]
+    micro = config["train_micro_batch_size_per_gpu"]
+    assert config["train_batch_size"] == PAPER_BATCH
+    assert PAPER_BATCH % (micro * PAPER_GPUS) == 0
+    assert run_config.gradient_accumulation_steps(config, PAPER_GPUS) * micro * PAPER_GPUS == PAPER_BATCH
+    assert run_config.scheduler_steps(config) == PAPER_SCHEDULE[size]
+    assert config["optimizer"]["params"]["lr"] == PAPER_MAX_LR
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    assert isinstance(config["fp16"]["initial_scale_power"], int)
+    assert isinstance(config["gradient_clipping"], float)
+    assert config["tensorboard"]["enabled"]
+
+
+def test_cpu_config_runs_on_two_cpu_ranks_without_fp16():
+    config = run_config.read_json(REPO / "ds_configs" / "cpu.json")
+    run_config.validate(config, 2)
+    assert not config["fp16"]["enabled"] and config["zero_optimization"]["stage"] == 1
+
+
+def test_orthoadam_variant_changes_only_the_optimizer_type():
+    base = REPO / "ds_configs" / "llama-130m.json"
+    plain = run_config.compose_ds_config(base)
+    ortho = run_config.compose_ds_config(base, [run_config.variant_path("orthoadam")])
+    assert run_config.optimizer_type(ortho) == "OrthoAdam"
+    assert {k: v for k, v in ortho["optimizer"]["params"].items() if k in plain["optimizer"]["params"]} == \
+        plain["optimizer"]["params"]
+    assert {k: v for k, v in ortho.items() if k != "optimizer"} == {k: v for k, v in plain.items() if k != "optimizer"}
+    adamw = run_config.compose_ds_config(base, [run_config.variant_path("adamw")])
+    assert adamw == plain
+
+
+def test_set_assignments_parse_json_values_and_nest():
+    config = run_config.compose_ds_config(REPO / "ds_configs" / "cpu.json", [],
+                                          ["scheduler.params.total_num_steps=100", "optimizer.params.betas=[0.9,0.95]"])
+    assert config["scheduler"]["params"]["total_num_steps"] == 100
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 30  # siblings kept
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    with pytest.raises(run_config.RunConfigError, match="dotted.key=value"):
+        run_config.parse_assignment("no_equals_sign")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"train_batch_size": 100}, "not divisible"),
+    ({"gradient_accumulation_steps": 3}, "inconsistent batch arithmetic"),
+    ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
+    ({"gradient_clipping": None}, "gradient_clipping"),
+    ({"scheduler": {"type": "WarmupLR"}}, "WarmupCosineLR"),
+])
+def test_bad_configs_are_named(edit, message):
+    config = run_config.deep_merge(run_config.read_json(REPO / "ds_configs" / "llama-60m.json"), edit)
+    if edit.get("gradient_clipping", 0) is None:
+        del config["gradient_clipping"]
+    with pytest.raises(run_config.RunConfigError, match=message):
+        run_config.validate(config, PAPER_GPUS)
+
+
+def test_fp16_without_initial_scale_power_is_refused():
+    config = run_config.read_json(REPO / "ds_configs" / "llama-60m.json")
+    del config["fp16"]["initial_scale_power"]
+    with pytest.raises(run_config.RunConfigError, match="initial_scale_power"):
+        run_config.validate(config, PAPER_GPUS)
+
+
+def _train_main(capsys, monkeypatch, *extra: str, world_size: str = "2") -> tuple[int, str]:
+    """Exit status and stderr of the trainer's main() for input it must refuse before any process group exists."""
+    from ds_orthoadam.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")  # as under a launcher: no single-process defaults leak into os.environ
+    try:
+        status = main(["--data", "unused", "--tokenizer", "unused", "--output-dir", "unused", *extra])
+    except SystemExit as exit_:  # argparse
+        status = exit_.code
+    return status, capsys.readouterr().err
+
+
+def test_cli_rejects_bad_input_before_starting_anything(capsys, monkeypatch):
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-7b")
+    assert status == 2 and "invalid choice: 'llama-7b'" in err
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--ds-config", "nope.json")
+    assert status == 2 and "nope.json does not exist" in err
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", world_size="3")
+    assert status == 2 and "inconsistent batch arithmetic" in err
+
+
+def test_help_documents_every_option():
+    from ds_orthoadam.train import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.help != "==SUPPRESS==" and action.option_strings:
+            assert action.help, action.option_strings
+            assert action.option_strings[-1] in text
+
+
+def _fake_checkpoint(manager: CheckpointManager, step: int, complete: bool) -> Path:
+    tag_dir = manager.checkpoint_dir / f"global_step{step}"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"")
+    if complete:
+        (tag_dir / COMPLETE_MARKER).write_text("{}")
+    return tag_dir
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    identity = {"model_args": {"name": "llama-tiny"}, "optimizer": "OrthoAdam"}
+    assert manager.claim(identity, "auto") is None  # fresh directory: claimed
+    _fake_checkpoint(manager, 10, complete=True)
+    with pytest.raises(CheckpointError, match="another run .*optimizer: checkpoint has 'OrthoAdam', this run 'AdamW'"):
+        manager.claim({**identity, "optimizer": "AdamW"}, "auto")
+    with pytest.raises(CheckpointError, match="--resume auto"):
+        manager.claim(identity, "none")
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(CheckpointError, match="no run.json"):
+        manager.claim(identity, "auto")
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint_and_drops_incomplete_ones(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    identity = {"model_args": {"name": "llama-tiny"}}
+    manager.claim(identity, "none")
+    _fake_checkpoint(manager, 5, complete=True)
+    _fake_checkpoint(manager, 20, complete=True)
+    interrupted = _fake_checkpoint(manager, 30, complete=False)
+    assert manager.claim(identity, "auto") == "global_step20"
+    assert not interrupted.exists()
+    assert manager.claim(identity, "global_step5") == "global_step5"
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        manager.claim(identity, "global_step30")
+
+
+def test_flops_per_token_counts_every_matmul_weight_once():
+    seq_len = 64
+    for name in ("llama-tiny", "gpt2-tiny"):
+        model = build_model(name, max_seq_len=seq_len)
+        spec = MODEL_SPECS[name]
+        total = sum(p.numel() for p in model.parameters())
+        if spec.family == "llama":  # untied: the input embedding table is the only lookup
+            matmul = total - spec.vocab_size * spec.hidden
+        else:  # tied wte doubles as the output projection; wpe is a lookup
+            matmul = total - seq_len * spec.hidden
+        expected = 6 * matmul + 12 * spec.layers * spec.hidden * seq_len
+        assert flops_per_token(model, seq_len) == expected

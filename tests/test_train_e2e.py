@@ -1,0 +1,196 @@
+"""End-to-end: the trainer on 2 CPU ranks through the deepspeed launcher (ZeRO-1, fp32, OrthoAdam), a few steps.
+
+One reference run is shared by most tests; a resumed run, an interrupted run and a diverging run are launched
+separately. The corpus is synthetic text from a seeded word-level Markov chain (learnable structure, no network).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ds_orthoadam  # noqa: F401
+from ds_orthoadam.checkpointing import COMPLETE_MARKER
+from ds_orthoadam.data import train_tokenizer
+from ds_orthoadam.demo import free_port
+from ds_orthoadam.models import build_model
+from ds_orthoadam.telemetry import TRAIN_TAGS, VALIDATION_TAGS
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+SEQ_LEN = 32
+STEPS = 6
+
+
+def _markov_text(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    syllables, endings = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po"), ("n", "s", "t", "la", "")
+    vocabulary = [start + end for start in syllables for end in endings]
+    successors = {w: rng.sample(vocabulary, 3) for w in vocabulary}
+    word, out = vocabulary[0], []
+    for i in range(words):
+        out.append(word + ("." if i % 12 == 11 else ""))
+        word = rng.choice(successors[word])
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """Plain-text train/validation files (documents are blank-line separated paragraphs) and a BPE tokenizer."""
+    root = tmp_path_factory.mktemp("corpus")
+    train_documents = [_markov_text(seed, 400) for seed in range(100)]
+    (root / "train.txt").write_text("\n\n".join(train_documents), encoding="utf-8")
+    (root / "val.txt").write_text("\n\n".join(_markov_text(seed, 400) for seed in range(100, 110)), encoding="utf-8")
+    train_tokenizer(train_documents, str(root / "tokenizer"), vocab_size=384)
+    return {"train": str(root / "train.txt"), "val": str(root / "val.txt"), "tokenizer": str(root / "tokenizer")}
+
+
+def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True):
+    """Run ds_orthoadam.train on 2 CPU ranks with the deepspeed launcher (in its own session, like a terminal)."""
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+               "ds_orthoadam.train", "--model", "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"],
+               "--tokenizer", corpus["tokenizer"], "--seq-len", str(SEQ_LEN), "--val-samples", "8",
+               "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4",
+               "--set", "scheduler.params.warmup_num_steps=2", "--set", f"scheduler.params.total_num_steps={STEPS}",
+               "--set", "optimizer.params.lr=0.003", "--output-dir", str(output_dir), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["Train/loss"] for row in rows if "Train/loss" in row}
+
+
+def complete_tags(run_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in (run_dir / "checkpoints").glob(f"*/{COMPLETE_MARKER}"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    returncode, output = launch(corpus, run_dir, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
+                                "--checkpoint-every", "2",
+                                "--keep-checkpoints", "2", "--log-every", "1", "--eval-every", "3",
+                                "--outlier-every", "3")
+    assert returncode == 0, output
+    return run_dir
+
+
+def test_loss_decreases(reference_run):
+    trained = losses(reference_run)
+    assert sorted(trained) == list(range(1, STEPS + 1))
+    assert trained[STEPS] < trained[1] - 0.3
+
+
+def test_keeps_the_last_complete_checkpoints_and_points_latest_at_the_newest(reference_run):
+    assert complete_tags(reference_run) == ["global_step4", "global_step6"]
+    assert not (reference_run / "checkpoints" / "global_step2").exists()
+    assert (reference_run / "checkpoints" / "latest").read_text() == "global_step6"
+
+
+def test_resume_continues_with_identical_losses(reference_run, corpus, tmp_path):
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference_run / "run.json", resumed / "run.json")
+    shutil.copytree(reference_run / "checkpoints" / "global_step4", resumed / "checkpoints" / "global_step4")
+    returncode, output = launch(corpus, resumed, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
+                                "--resume", "auto", "--no-export", "--outlier-every", "0")
+    assert returncode == 0, output
+    assert "resumed from" in output and "global_step4 at step 4" in output
+    continued = losses(resumed)
+    assert sorted(continued) == [5, 6]
+    assert continued == {step: losses(reference_run)[step] for step in (5, 6)}
+
+
+def test_tensorboard_event_files_hold_the_listed_tags(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = {path.parent for path in (reference_run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(event_dirs) == 1
+    events = EventAccumulator(str(event_dirs.pop()))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert set(TRAIN_TAGS) | set(VALIDATION_TAGS) | {"Train/Samples/lr"} <= tags
+    assert any(tag.startswith("Outliers/") for tag in tags)
+    assert [event.step for event in events.Scalars("Train/loss")] == list(range(1, STEPS + 1))
+    assert [event.step for event in events.Scalars("Val/loss")] == [3, STEPS]
+
+
+def test_export_reloads_with_identical_logits(reference_run, corpus):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = AutoModelForCausalLM.from_pretrained(reference_run / "hf").eval()
+    assert exported.config._attn_implementation == "softmax1"
+    # Second path to the same weights: the module state DeepSpeed stored in the final checkpoint (the export reads the
+    # fp32 master partitions, which OrthoAdam keeps in its rotated frame, and rotates them back).
+    run = json.loads((reference_run / "run.json").read_text())
+    reference = build_model(**run["model_args"]).eval()
+    states = torch.load(reference_run / "checkpoints" / "global_step6" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    reference.load_state_dict(states["module"])
+    ids = torch.randint(0, exported.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    text = "kan lot mis nela."
+    original = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    assert AutoTokenizer.from_pretrained(reference_run / "hf")(text).input_ids == original(text).input_ids
+
+
+def test_ctrl_c_saves_a_complete_checkpoint_and_exits_nonzero(corpus, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    process = launch(corpus, run_dir, "--train-steps", "100000", "--checkpoint-every", "100000", "--no-export",
+                     "--outlier-every", "0", "--set", "scheduler.params.total_num_steps=100000", wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the session
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output
+    assert "stopped by a signal" in output
+    tags = complete_tags(run_dir)
+    assert len(tags) == 1 and int(tags[0].removeprefix("global_step")) >= 2, output
+    assert (run_dir / "checkpoints" / "latest").read_text() == tags[0]
+
+
+def test_non_finite_loss_stops_without_saving_it(corpus, tmp_path):
+    run_dir = tmp_path / "diverged"
+    returncode, output = launch(corpus, run_dir, "--train-steps", str(STEPS), "--checkpoint-every", "1",
+                                "--no-export", "--outlier-every", "0", "--set", "optimizer.params.lr=1e30")
+    assert returncode != 0
+    assert "training stopped without saving" in output
+    last_finite = max(losses(run_dir))  # the non-finite loss is reported, not recorded
+    assert f"at step {last_finite + 1}:" in output
+    assert complete_tags(run_dir) == sorted(f"global_step{step}" for step in range(1, last_finite + 1))
+
+
+def test_on_demand_export_of_an_older_checkpoint(reference_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ds_orthoadam import export
+
+    assert export.main(["--run-dir", str(reference_run), "--out", str(tmp_path / "latest")]) == 0
+    final, again = (load_file(d / "model.safetensors") for d in (reference_run / "hf", tmp_path / "latest"))
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    assert export.main(["--run-dir", str(reference_run), "--tag", "global_step4", "--out", str(tmp_path / "s4")]) == 0
+    older = load_file(tmp_path / "s4" / "model.safetensors")
+    assert any(not torch.equal(final[k], older[k]) for k in final)
+    assert export.main(["--run-dir", str(reference_run), "--tag", "global_step2", "--out", str(tmp_path / "x")]) == 2
+    assert "no complete checkpoint global_step2" in capsys.readouterr().err
