@@ -45,3 +45,10 @@ def test_cli_trains_and_reports_bad_sizes(corpus, tmp_path, capsys):
     assert len(load_tokenizer(str(out))) == 400
     assert main(["--data", corpus["dir"], "--out", str(tmp_path / "big"), "--vocab-size", "100000"]) == 2
     assert "Vocabulary size too high" in capsys.readouterr().err
+
+
+def test_directory_without_tokenizer_files_is_refused(tmp_path):
+    """transformers 5 would silently build an empty one-token tokenizer from a directory with only a model config."""
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(TokenizerError, match="holds no tokenizer"):
+        load_tokenizer(str(tmp_path))

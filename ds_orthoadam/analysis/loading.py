@@ -10,9 +10,6 @@ import ds_orthoadam  # noqa: F401  (registers softmax-1 attention and our model 
 from ds_orthoadam.analysis.errors import AnalysisInputError
 from ds_orthoadam.data import TokenizerError, check_vocab_fits, load_tokenizer
 
-# transformers 5 builds an empty one-token tokenizer from a directory holding only a model config, so a directory
-# without any of these files is rejected before loading.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,11 +47,6 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTr
 
 def load_matching_tokenizer(model: PreTrainedModel, path: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``path``, refused if it produces ids the model's embedding cannot look up."""
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise AnalysisInputError(
-            f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES)} are all missing); pass the model's tokenizer "
-            "directory with --tokenizer"
-        )
     try:
         tokenizer = load_tokenizer(path)
     except TokenizerError as error:

@@ -40,6 +40,9 @@ MAX_SENTENCE_BYTES = 16384
 SELF_CHECK_LINES = 2000
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     """Load an HF tokenizer directory, or a SentencePiece ``*.model`` file (Llama/T5 style), as a fast tokenizer.
 
@@ -56,6 +59,12 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
         with tempfile.TemporaryDirectory() as staging:  # transformers converts a tokenizer.model found in a directory
             shutil.copy(path, os.path.join(staging, "tokenizer.model"))
             return load_tokenizer(staging)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        # transformers 5 would build an empty one-token tokenizer from such a directory instead of failing.
+        raise TokenizerError(
+            f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES)} are all missing); point to a tokenizer "
+            "directory or train one (make tokenizer)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
