@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ds_orthoadam.analysis.runner import SampleMaps  # noqa: E402
@@ -31,6 +32,7 @@ def _per_layer_plot(models: Sequence[dict], keys: Sequence[tuple[str, str]], yla
             suffix = f" ({part})" if len(keys) > 1 else ""
             axis.plot(np.arange(len(values)), values, style, color=colour, marker="o", label=entry["label"] + suffix)
     axis.set_xlabel("layer")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     if log:
