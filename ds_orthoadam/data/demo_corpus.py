@@ -121,26 +121,24 @@ def split_into_documents(text: str, target_chars: int = DOCUMENT_CHARS) -> list[
     Paragraphs are separated by blank lines; a paragraph longer than ``target_chars`` (some texts have no blank
     lines) is cut at line ends.
     """
-    pieces = []
+    pieces: list[str] = []
     for paragraph in text.split("\n\n"):
         lines = [line.strip() for line in paragraph.split("\n") if line.strip()]
-        piece: list[str] = []
-        for line in lines:
-            piece.append(line)
-            if sum(map(len, piece)) >= target_chars:
-                pieces.append(" ".join(piece))
-                piece = []
-        if piece:
-            pieces.append(" ".join(piece))
-    documents, current = [], []
-    for piece in pieces:
-        current.append(piece)
+        pieces.extend(_join_in_runs(lines, target_chars, " "))
+    return _join_in_runs(pieces, target_chars, "\n")
+
+
+def _join_in_runs(items: list[str], target_chars: int, separator: str) -> list[str]:
+    """Join consecutive items with ``separator`` into runs of at least ``target_chars`` (the last run may be short)."""
+    runs, current = [], []
+    for item in items:
+        current.append(item)
         if sum(map(len, current)) >= target_chars:
-            documents.append("\n".join(current))
+            runs.append(separator.join(current))
             current = []
     if current:
-        documents.append("\n".join(current))
-    return documents
+        runs.append(separator.join(current))
+    return runs
 
 
 def _write_json_gz(path: str, records: list[dict]) -> None:
