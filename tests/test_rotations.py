@@ -120,7 +120,8 @@ def test_rotation_is_identical_in_a_fresh_process_with_another_hash_seed():
     x = torch.arange(60, dtype=torch.float64).reshape(6, 10)
     here = [make_rotation((6, 10), k, 7, "blk.w", dtype=torch.float64).rotate(x).sum().item()
             for k in ("dense", "hadamard")]
-    assert out.stdout.strip() == str(here)
+    # The last line: importing the package may log (DeepSpeed's accelerator notice when DS_ACCELERATOR is unset).
+    assert out.stdout.strip().splitlines()[-1] == str(here)
 
 
 def test_rotation_works_in_float32_and_rejects_a_wrong_shape():
