@@ -1,11 +1,13 @@
 """One optimiser step over llama-60m's parameters: OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
 
-Prints the median step time of each optimiser (same process, same gradients) as a ratio to AdamW, and the extra
-persistent memory OrthoAdam keeps besides AdamW-sized moments: the rotations and two scratch buffers the size of
-the largest parameter (AdamW's own per-step temporaries are not counted for either).
+Prints the median step time of each optimiser (same process, same gradients) as a ratio to AdamW(foreach), and the
+extra persistent memory OrthoAdam keeps besides AdamW-sized moments: the rotations and two scratch buffers the size
+of the largest parameter (AdamW's own per-step temporaries are not counted for either). OrthoAdam does its moment
+math with torch's fused AdamW kernel, so AdamW(fused) is shown as a second reference. Each rotation kind is run with
+both long-axis transforms (the vocabulary axis Hadamard-rotated, the default, or left unrotated).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
-                                                             [--model llama-60m]
+                                                             [--long-axes hadamard identity] [--model llama-60m]
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 import torch
 
 from ds_orthoadam import MODEL_SPECS, OrthoAdam, build_model
+from ds_orthoadam.rotations import LONG_AXIS_TRANSFORMS
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
@@ -42,6 +45,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimiser (median is reported)")
     parser.add_argument("--rotations", nargs="+", default=["dense", "hadamard"], choices=["dense", "hadamard"],
                         help="OrthoAdam rotation kinds to compare with AdamW")
+    parser.add_argument("--long-axes", nargs="+", default=list(LONG_AXIS_TRANSFORMS), choices=LONG_AXIS_TRANSFORMS,
+                        help="long-axis transforms (axes over max_dense_dim=4096: the vocabulary) to run each kind "
+                        "with")
     parser.add_argument("--model", default="llama-60m", choices=sorted(MODEL_SPECS), help="model whose parameters")
     args = parser.parse_args()
 
@@ -55,9 +61,12 @@ def main() -> None:
 
     # lr=0: every optimiser sees the same parameters and gradients on every step.
     optimizers: dict[str, torch.optim.Optimizer] = {
-        "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True)}
+        "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True),
+        "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True)}
     for kind in args.rotations:
-        optimizers[f"OrthoAdam {kind}"] = OrthoAdam(model.named_parameters(), lr=0.0, rotation=kind)
+        for long_axis in args.long_axes:
+            optimizers[f"OrthoAdam {kind}, long axis {long_axis}"] = OrthoAdam(
+                model.named_parameters(), lr=0.0, rotation=kind, long_axis=long_axis)
     seconds = interleaved_median_seconds(optimizers, args.steps)
 
     baseline_seconds, baseline_state = seconds["AdamW(foreach)"], state_nbytes(optimizers["AdamW(foreach)"])
@@ -66,7 +75,7 @@ def main() -> None:
         rotation_bytes = optimizer.rotation_nbytes() if is_ortho else 0
         workspace_bytes = optimizer.workspace_nbytes() if is_ortho else 0
         extra = state_nbytes(optimizer) - baseline_state + rotation_bytes + workspace_bytes
-        print(f"{name:20s} {seconds[name] * 1e3:8.1f} ms/step {seconds[name] / baseline_seconds:6.2f}x AdamW   "
+        print(f"{name:38s} {seconds[name] * 1e3:8.1f} ms/step {seconds[name] / baseline_seconds:6.2f}x AdamW   "
               f"extra memory {extra / 2**20:6.1f} MiB = {100 * extra / baseline_state:4.1f}% of AdamW's state "
               f"(rotations {rotation_bytes / 2**20:.1f} MiB, scratch {workspace_bytes / 2**20:.1f} MiB)")
 

@@ -10,27 +10,34 @@ is only equivariant to signed permutations, a rotation that mixes coordinates ch
 privileged basis that lets outlier features form.
 
 State (``exp_avg``, ``exp_avg_sq`` in the rotated frame, ``step``) round-trips through ``state_dict``; rotations
-are never stored: they are regenerated from the group's ``(seed, rotation, max_dense_dim)`` and the parameter's key,
+are never stored: they are regenerated from the group's ``(seed, rotation, max_dense_dim, long_axis)`` and the
+parameter's key,
 which is its name when the optimiser is given ``model.named_parameters()`` and ``f"param{i}"`` otherwise (i = the
 parameter's position across all param groups, its id in ``state_dict()``). The DeepSpeed integration therefore gets
-the same Q from ``make_rotation(p.shape, kind, seed, name, max_dense_dim)``.
+the same Q from ``make_rotation(p.shape, kind, seed, name, max_dense_dim, long_axis=long_axis)``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ds_orthoadam.rotations import (
+    DEFAULT_LONG_AXIS,
     DEFAULT_MAX_DENSE_DIM,
+    LONG_AXIS_TRANSFORMS,
     ROTATION_KINDS,
     ROTATION_VERSION,
     Rotation,
     Workspace,
     make_rotation,
 )
+
+
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
 
 
 class OrthoAdamConfigError(ValueError):
@@ -60,6 +67,9 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise OrthoAdamConfigError(f"invalid seed={group['seed']!r}: use an int")
     if not isinstance(group["max_dense_dim"], int) or group["max_dense_dim"] < 1:
         raise OrthoAdamConfigError(f"invalid max_dense_dim={group['max_dense_dim']!r}: use an int >= 1")
+    if group["long_axis"] not in LONG_AXIS_TRANSFORMS:
+        raise OrthoAdamConfigError(
+            f"unknown long_axis {group['long_axis']!r}: choose one of {', '.join(LONG_AXIS_TRANSFORMS)}")
 
 
 def _state_dtype(parameter: torch.Tensor) -> torch.dtype:
@@ -73,10 +83,13 @@ class OrthoAdam(Optimizer):
     Args:
         params: parameters, ``model.named_parameters()`` (names become rotation keys) or param-group dicts.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled weight decay).
-        rotation: ``"dense"`` (Haar-random matrix per axis; axes longer than ``max_dense_dim`` use the Hadamard
-            transform) or ``"hadamard"`` (randomised Walsh-Hadamard per axis, O(n log n)).
+        rotation: ``"dense"`` (Haar-random matrix per axis) or ``"hadamard"`` (randomised Walsh-Hadamard per axis,
+            O(n log n)).
         seed: seeds all rotations (together with each parameter's key).
-        max_dense_dim: longest axis that gets a dense matrix under ``rotation="dense"``.
+        max_dense_dim: longest axis that gets the ``rotation`` kind's transform; longer ones (the vocabulary) get
+            ``long_axis``.
+        long_axis: ``"hadamard"`` (default) or ``"identity"`` (long axes stay unrotated; see
+            :mod:`ds_orthoadam.rotations` for when that is sound).
     """
 
     def __init__(
@@ -89,9 +102,10 @@ class OrthoAdam(Optimizer):
         rotation: str = "dense",
         seed: int = 0,
         max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
+        long_axis: str = DEFAULT_LONG_AXIS,
     ):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        rotation=rotation, seed=seed, max_dense_dim=max_dense_dim, rotation_version=ROTATION_VERSION)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rotation=rotation, seed=seed,
+                        max_dense_dim=max_dense_dim, long_axis=long_axis, rotation_version=ROTATION_VERSION)
         self._rotations: dict[torch.Tensor, tuple[tuple, Rotation]] = {}
         self._workspaces: dict[tuple[torch.device, torch.dtype], Workspace] = {}
         super().__init__(params, defaults)
@@ -112,12 +126,13 @@ class OrthoAdam(Optimizer):
 
     def rotation_for(self, group: dict[str, Any], parameter: torch.Tensor, key: str) -> Rotation:
         """The (cached) rotation of ``parameter``; rebuilt if its group's rotation settings changed."""
-        spec = (key, group["rotation"], group["seed"], group["max_dense_dim"], parameter.shape,
+        spec = (key, group["rotation"], group["seed"], group["max_dense_dim"], group["long_axis"], parameter.shape,
                 parameter.device, _state_dtype(parameter))
         cached = self._rotations.get(parameter)
         if cached is None or cached[0] != spec:
             rotation = make_rotation(parameter.shape, group["rotation"], group["seed"], key, group["max_dense_dim"],
-                                     device=parameter.device, dtype=_state_dtype(parameter))
+                                     device=parameter.device, dtype=_state_dtype(parameter),
+                                     long_axis=group["long_axis"])
             cached = self._rotations[parameter] = (spec, rotation)
         return cached[1]
 
@@ -128,8 +143,9 @@ class OrthoAdam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load after checking the rotation scheme version and that every saved moment has its parameter's shape.
 
-        The saved groups' ``rotation``, ``seed`` and ``max_dense_dim`` replace the current ones (as for any torch
-        hyper-parameter), so the moments are used in the frame they were accumulated in.
+        The saved groups' ``rotation``, ``seed``, ``max_dense_dim`` and ``long_axis`` replace the current ones (as for
+        any torch hyper-parameter), so the moments are used in the frame they were accumulated in. State dicts
+        written before ``long_axis`` existed used the Hadamard transform on long axes.
         """
         for group in state_dict["param_groups"]:
             if group.get("rotation_version") != ROTATION_VERSION:
@@ -156,6 +172,7 @@ class OrthoAdam(Optimizer):
                     )
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            group.setdefault("long_axis", DEFAULT_LONG_AXIS)
             _validate_group(group)
         self._rotations.clear()
 
@@ -191,6 +208,9 @@ class OrthoAdam(Optimizer):
         return sum(b.numel() * b.element_size() for buffers in self._workspaces.values() for b in buffers)
 
     def _step_group(self, group: dict[str, Any], entries: list[tuple[torch.Tensor, str]]) -> None:
+        """Adam's moment and direction math is torch's own AdamW (its fused kernel where the device has one),
+        applied in the rotated frame to a zeroed scratch "parameter": it comes back as minus the bias-corrected
+        direction m^ / (sqrt(v^) + eps), which is rotated back and applied with decoupled weight decay."""
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         for parameter, key in entries:
@@ -203,16 +223,15 @@ class OrthoAdam(Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(parameter, dtype=dtype)
                 state["exp_avg_sq"] = torch.zeros_like(parameter, dtype=dtype)
-            state["step"] += 1
-            step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
             workspace = self._workspace(parameter.numel(), parameter.device, dtype)
 
             rotated = rotation.rotate(parameter.grad.to(dtype), workspace)
-            exp_avg.lerp_(rotated, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
-            # The rotated gradient's buffer now takes m / (sqrt(v / (1 - b2^t)) + eps); 1/(1 - b1^t) is in the step.
-            update = torch.sqrt(exp_avg_sq, out=rotated).div_(math.sqrt(1 - beta2**step)).add_(eps)
-            torch.div(exp_avg, update, out=update)
+            direction = Rotation.free_buffer(rotated, workspace).view_as(parameter).zero_()
+            step = torch.tensor(float(state["step"]), device=parameter.device)  # torch's AdamW increments it
+            adamw([direction], [rotated], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
+                  fused=parameter.device.type in _FUSED_DEVICES, amsgrad=False, beta1=beta1, beta2=beta2, lr=1.0,
+                  weight_decay=0.0, eps=eps, maximize=False)
+            state["step"] += 1
             if weight_decay != 0.0:
                 parameter.mul_(1 - lr * weight_decay)
-            parameter.add_(rotation.unrotate(update, workspace).to(parameter.dtype), alpha=-lr / (1 - beta1**step))
+            parameter.add_(rotation.unrotate(direction, workspace).to(parameter.dtype), alpha=lr)

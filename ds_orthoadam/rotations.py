@@ -11,8 +11,7 @@ weight would need a 262144x262144 matrix), so Q is a Kronecker product of one or
 Axis transforms:
 
 * ``"dense"``: a Haar-random orthogonal matrix (QR of a Gaussian with the sign fix); n^2 memory and n^2 work per
-  column. Under ``kind="dense"``, axes longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the
-  embeddings) use the ``"hadamard"`` axis transform instead.
+  column.
 * ``"hadamard"``: a randomised Hadamard transform ``Q = (O_m (x) O_b (x) H_{2^a/b}) D`` for ``n = 2^a m`` with m
   odd: D are random signs, H the orthonormal Walsh-Hadamard matrix (Sylvester order), O_b a Haar block of the first
   power-of-two factor (b <= 16; without it a one-hot gradient would become a flat vector, on which Adam's
@@ -24,19 +23,26 @@ Axis transforms:
   with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
   permutation of the axis, on ``[0, w)`` again (each pass orthogonal; overlap + permutation make it mix fully).
 
+Long axes: an axis longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the embeddings) gets the
+``long_axis`` transform under either kind: ``"hadamard"`` (default) or ``"identity"`` (left unrotated: the
+parameter is only rotated along its other axis, e.g. every embedding row by the same hidden-axis Q; cheaper, and
+keeps Adam's per-token normalisation of rare tokens' rows, but the vocabulary axis itself stays a privileged basis).
+With ``"identity"`` choose ``max_dense_dim`` above the widest non-vocabulary axis (a 1.4B model's MLP axis is 5461
+or 8192 wide), or those axes go unrotated too. A parameter whose every axis is long is then not rotated at all.
+
 All Kronecker factors of a parameter are applied with one GEMM each by cycling through the "digits" of the
 flattened index: ``x <- F @ x.view(-1, f).T`` transforms the last digit with F and moves it to the front, so after
 all factors the original order is restored (no transposes or window copies needed); ``unrotate`` does the same with
 the transposed factors.
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
-``(seed, key, shape, kind, max_dense_dim)``. Random numbers come from a CPU ``torch.Generator`` (float64) seeded
-with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted ``hash()`` -- so it is
-identical on every rank, device and restart. The construction itself (block sizes, hashing) is versioned by
-``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never resumed with another
-Q. ``OrthoAdam`` uses ``key = parameter name`` when given
-``model.named_parameters()`` and ``key = f"param{i}"`` otherwise, i being the parameter's position in the
-flattened param groups (its id in ``optimizer.state_dict()``).
+``(seed, key, shape, kind, max_dense_dim, long_axis)``. Random numbers come from a CPU ``torch.Generator``
+(float64) seeded with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted
+``hash()`` -- so it is identical on every rank, device and restart. The construction itself (block sizes, hashing)
+is versioned by ``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never
+resumed with another Q. ``OrthoAdam`` uses ``key = parameter name`` when given ``model.named_parameters()`` and
+``key = f"param{i}"`` otherwise, i being the parameter's position in the flattened param groups (its id in
+``optimizer.state_dict()``).
 """
 from __future__ import annotations
 
@@ -48,7 +54,9 @@ from typing import Iterable, Sequence
 import torch
 
 ROTATION_KINDS = ("dense", "hadamard")
-# Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim).
+LONG_AXIS_TRANSFORMS = ("hadamard", "identity")
+DEFAULT_LONG_AXIS = "hadamard"
+# Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim, long_axis).
 ROTATION_VERSION = 1
 DEFAULT_MAX_DENSE_DIM = 4096
 # Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
@@ -72,9 +80,19 @@ def check_kind(kind: str) -> None:
         )
 
 
-def axis_kind(kind: str, size: int, max_dense_dim: int) -> str:
-    """The transform used along an axis of ``size``: dense only for the dense kind and short enough axes."""
-    return "dense" if kind == "dense" and size <= max_dense_dim else "hadamard"
+class LongAxisError(ValueError):
+    """An unknown long-axis transform was requested."""
+
+
+def check_long_axis(long_axis: str) -> None:
+    if long_axis not in LONG_AXIS_TRANSFORMS:
+        raise LongAxisError(f"unknown long_axis transform {long_axis!r}: choose one of "
+                            f"{', '.join(LONG_AXIS_TRANSFORMS)}")
+
+
+def axis_kind(kind: str, size: int, max_dense_dim: int, long_axis: str = DEFAULT_LONG_AXIS) -> str:
+    """The transform along an axis of ``size``: the kind's own, or ``long_axis`` beyond ``max_dense_dim``."""
+    return kind if size <= max_dense_dim else long_axis
 
 
 def _generator(seed: int, key: str, shape: Sequence[int], axis: int, transform: str) -> torch.Generator:
@@ -186,7 +204,7 @@ class _Windows:
 
 @dataclass
 class _Axis:
-    """Q_axis = kron(factors) @ diag(signs), or the windows transform for awkward lengths."""
+    """Q_axis = kron(factors) @ diag(signs), the windows transform for awkward lengths, or (neither) the identity."""
 
     size: int
     factors: list[torch.Tensor] = field(default_factory=list)
@@ -224,21 +242,21 @@ class Rotation:
 
     def __init__(self, shape: torch.Size, axes: list[_Axis]):
         self.shape = torch.Size(shape)
-        self.axes = axes  # the rotated axes (length > 1) of matrix_view(shape), in order
+        self.axes = axes  # the axes of length > 1 of matrix_view(shape), in order (identity axes included)
 
     def _kronecker(self, y: torch.Tensor, transpose: bool, workspace: Workspace | None) -> torch.Tensor:
         """Apply kron(all factors) (or its transpose, kron of the transposed factors) by cycling index digits.
 
         ``F @ y.view(-1, f).T`` transforms the last digit with F and moves it to the front; after one step per
-        digit (last to first) the original order is back. A window axis has no factor: its digit is only cycled.
+        digit (last to first) the original order is back. A window or identity axis has no factor: its digit is
+        only cycled.
         """
         digits = []
         for axis in self.axes:
-            digits += [(axis.size, None)] if axis.windows is not None else []
-            digits += [(f.shape[0], f.T if transpose else f) for f in axis.factors]
+            digits += [(f.shape[0], f.T if transpose else f) for f in axis.factors] or [(axis.size, None)]
         for size, factor in reversed(digits):
             digit_last = y.reshape(-1, size).T
-            out = self._free_buffer(y, workspace)
+            out = self.free_buffer(y, workspace)
             out = None if out is None else out.view(size, -1)
             if factor is None:
                 y = digit_last.contiguous() if out is None else out.copy_(digit_last)
@@ -275,7 +293,7 @@ class Rotation:
             raise ValueError(f"rotation built for shape {tuple(self.shape)} got a tensor of shape {tuple(x.shape)}")
 
     @staticmethod
-    def _free_buffer(current: torch.Tensor, workspace: Workspace | None) -> torch.Tensor | None:
+    def free_buffer(current: torch.Tensor, workspace: Workspace | None) -> torch.Tensor | None:
         """The workspace buffer (flat, sized like ``current``) that does not hold ``current``; None: allocate."""
         if workspace is None:
             return None
@@ -290,7 +308,7 @@ class Rotation:
         valid until the workspace is reused; x may itself live in a workspace buffer.
         """
         self._check(x)
-        y = self._windows(self._signs(x, self._free_buffer(x, workspace)), transpose=False)
+        y = self._windows(self._signs(x, self.free_buffer(x, workspace)), transpose=False)
         y = self._kronecker(y, transpose=False, workspace=workspace)
         return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
 
@@ -299,7 +317,7 @@ class Rotation:
         self._check(x)
         y = self._windows(self._kronecker(x, transpose=True, workspace=workspace), transpose=True)
         # Signs in place on an intermediate result; into a free buffer (or a new tensor) if y is still x.
-        y = self._signs(y, y if y.data_ptr() != x.data_ptr() else self._free_buffer(x, workspace))
+        y = self._signs(y, y if y.data_ptr() != x.data_ptr() else self.free_buffer(x, workspace))
         return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
 
     @property
@@ -333,20 +351,25 @@ def make_rotation(
     max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    long_axis: str = DEFAULT_LONG_AXIS,
 ) -> Rotation:
     """The rotation OrthoAdam uses for a parameter of ``shape`` named ``key`` (deterministic, see module doc).
 
     ``dtype``/``device`` only choose where the factors are stored; they are always sampled in float64 on the CPU,
-    so the same (seed, key, shape, kind, max_dense_dim) gives the same Q everywhere. ``rotate``/``unrotate``
+    so the same (seed, key, shape, kind, max_dense_dim, long_axis) gives the same Q everywhere. ``rotate``/``unrotate``
     accept tensors of any floating dtype and device (factors are cast on the fly if they differ).
     """
     check_kind(kind)
+    check_long_axis(long_axis)
     shape = torch.Size(shape)
     axes = []
     for axis, size in enumerate(matrix_view(shape)):
         if size <= 1:
             continue
-        transform = axis_kind(kind, size, max_dense_dim)
+        transform = axis_kind(kind, size, max_dense_dim, long_axis)
+        if transform == "identity":
+            axes.append(_Axis(size))
+            continue
         generator = _generator(seed, key, shape, axis, transform)
         if transform == "dense":
             axes.append(_Axis(size, factors=[haar_orthogonal(size, generator).to(device=device, dtype=dtype)]))
@@ -361,7 +384,8 @@ def rotation_nbytes(
     seed: int = 0,
     max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     dtype: torch.dtype = torch.float32,
+    long_axis: str = DEFAULT_LONG_AXIS,
 ) -> int:
     """Memory (bytes) the rotations of these parameters take (builds each rotation once, on the CPU)."""
-    return sum(make_rotation(p.shape, kind, seed, name, max_dense_dim, dtype=dtype).nbytes
+    return sum(make_rotation(p.shape, kind, seed, name, max_dense_dim, dtype=dtype, long_axis=long_axis).nbytes
                for name, p in named_parameters)

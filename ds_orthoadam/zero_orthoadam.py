@@ -23,8 +23,8 @@ frame"):
 
 The module therefore always holds the real weights theta (forward, evaluation, ``engine.module.state_dict()``, the
 module weights inside every checkpoint), and the rotations are never stored: they are a pure function of
-``(seed, name, shape, kind, max_dense_dim)`` (see :mod:`ds_orthoadam.rotations`), recorded in the checkpoint's
-``client_state`` and checked on load. The fp32 weights of a ZeRO checkpoint are in the rotated frame;
+``(seed, name, shape, kind, max_dense_dim, long_axis)`` (see :mod:`ds_orthoadam.rotations`), recorded in the
+checkpoint's ``client_state`` and checked on load. The fp32 weights of a ZeRO checkpoint are in the rotated frame;
 :func:`export_fp32_state_dict` returns the real theta.
 
 Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It rotates every parameter twice per
@@ -55,7 +55,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from ds_orthoadam import ds_internals
-from ds_orthoadam.rotations import DEFAULT_MAX_DENSE_DIM, ROTATION_KINDS, ROTATION_VERSION, Rotation, make_rotation
+from ds_orthoadam import rotations
+from ds_orthoadam.rotations import Rotation, make_rotation
 
 ORTHOADAM_TYPE = "orthoadam"
 CLIENT_STATE_KEY = "ds_orthoadam_rotation"
@@ -76,8 +77,9 @@ class RotationSpec:
 
     rotation: str = "dense"
     seed: int = 0
-    max_dense_dim: int = DEFAULT_MAX_DENSE_DIM
-    version: int = ROTATION_VERSION
+    max_dense_dim: int = rotations.DEFAULT_MAX_DENSE_DIM
+    long_axis: str = rotations.DEFAULT_LONG_AXIS
+    version: int = rotations.ROTATION_VERSION
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -120,9 +122,10 @@ def _parse_orthoadam_params(params: Any) -> tuple[dict, RotationSpec]:
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
             or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
         raise DeepSpeedConfigError(f"optimizer.params.betas must be a list of two numbers in [0, 1), got {betas!r}")
-    if merged["rotation"] not in ROTATION_KINDS:
-        raise DeepSpeedConfigError(f"optimizer.params.rotation must be one of {', '.join(ROTATION_KINDS)}, "
-                                   f"got {merged['rotation']!r}")
+    for field, choices in (("rotation", rotations.ROTATION_KINDS), ("long_axis", rotations.LONG_AXIS_TRANSFORMS)):
+        if merged[field] not in choices:
+            raise DeepSpeedConfigError(f"optimizer.params.{field} must be one of {', '.join(choices)}, "
+                                       f"got {merged[field]!r}")
     torch_adam = merged.get("torch_adam", get_accelerator().device_name() == "cpu")
     if not isinstance(torch_adam, bool):
         raise DeepSpeedConfigError(f"optimizer.params.torch_adam must be true or false, got {torch_adam!r}")
@@ -134,7 +137,8 @@ def _parse_orthoadam_params(params: Any) -> tuple[dict, RotationSpec]:
         # FusedAdam on accelerators; torch's AdamW where FusedAdam cannot be built (the CPU accelerator).
         "torch_adam": torch_adam,
     }
-    spec = RotationSpec(merged["rotation"], _check_int(merged, "seed", 0), _check_int(merged, "max_dense_dim", 1))
+    spec = RotationSpec(merged["rotation"], _check_int(merged, "seed", 0), _check_int(merged, "max_dense_dim", 1),
+                        merged["long_axis"])
     return adamw, spec
 
 
@@ -205,7 +209,8 @@ class RotatedFrame:
         self.spec = spec
         self.params: dict[str, torch.nn.Parameter] = {n: p for n, p in named_parameters if p.requires_grad}
         self.rotations: dict[str, Rotation] = {
-            name: make_rotation(p.shape, spec.rotation, spec.seed, name, spec.max_dense_dim, device=p.device)
+            name: make_rotation(p.shape, spec.rotation, spec.seed, name, spec.max_dense_dim, device=p.device,
+                                long_axis=spec.long_axis)
             for name, p in self.params.items()
         }
 
@@ -334,8 +339,9 @@ class OrthoAdamEngineHooks:
         if saved is not None and RotationSpec(**saved) != self.frame.spec:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was trained with OrthoAdam rotations {saved} but this engine uses "
-                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim to the saved values "
-                "(a different version means another ds_orthoadam release built the rotations: resume with that one)")
+                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim/long_axis to the saved "
+                "values (a different version means another ds_orthoadam release built the rotations: resume with that "
+                "one)")
         # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
         # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
         if module_only:
@@ -404,8 +410,8 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
     optimized = {name for group in saved["param_shapes"] for name in group}
     trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
     spec = RotationSpec(**saved[CLIENT_STATE_KEY])
-    if spec.version != ROTATION_VERSION:
+    if spec.version != rotations.ROTATION_VERSION:
         raise RotationMismatchError(f"{checkpoint_dir} holds rotation scheme version {spec.version} but this "
-                                    f"ds_orthoadam builds version {ROTATION_VERSION}: export with the release that "
-                                    "trained it")
+                                    f"ds_orthoadam builds version {rotations.ROTATION_VERSION}: export with the "
+                                    "release that trained it")
     return RotatedFrame(trainable, spec).unrotate_state_dict(phi)

@@ -49,18 +49,20 @@ def run(optimizer, params, grads):
 
 
 @pytest.mark.parametrize("named", [True, False])
-@pytest.mark.parametrize("kind,max_dense_dim", [("dense", 4096), ("hadamard", 4096), ("dense", 8)])
-def test_orthoadam_equals_adamw_on_rotated_parameters(kind, max_dense_dim, named):
+@pytest.mark.parametrize("kind,max_dense_dim,long_axis", [
+    ("dense", 4096, "hadamard"), ("hadamard", 4096, "hadamard"), ("dense", 8, "hadamard"), ("hadamard", 8, "identity")])
+def test_orthoadam_equals_adamw_on_rotated_parameters(kind, max_dense_dim, long_axis, named):
     """N steps of OrthoAdam on theta == N steps of AdamW on phi = Q theta fed Q g, mapped back with Q^T."""
     steps, seed = 12, 5
     params = make_params()
     keys = rotation_keys(named)
-    rotations = {n: make_rotation(SHAPES[n], kind, seed, keys[n], max_dense_dim, dtype=torch.float64)
-                 for n in SHAPES}
+    rotations = {n: make_rotation(SHAPES[n], kind, seed, keys[n], max_dense_dim, dtype=torch.float64,
+                                  long_axis=long_axis) for n in SHAPES}
     rotated = {n: torch.nn.Parameter(rotations[n].rotate(p.detach())) for n, p in params.items()}
     grads = gradient_stream(steps)
 
-    ortho = OrthoAdam(groups_of(params, named), lr=0.05, rotation=kind, seed=seed, max_dense_dim=max_dense_dim)
+    ortho = OrthoAdam(groups_of(params, named), lr=0.05, rotation=kind, seed=seed, max_dense_dim=max_dense_dim,
+                      long_axis=long_axis)
     run(ortho, params, grads)
     adamw = torch.optim.AdamW(groups_of(rotated, named=False), lr=0.05, foreach=False)
     run(adamw, rotated, [{n: rotations[n].rotate(g[n]) for n in g} for g in grads])
@@ -107,7 +109,8 @@ def test_gradient_on_one_coordinate_gives_a_non_axis_aligned_update(kind):
 def test_state_dict_round_trip_continues_bit_identically(kind):
     params = make_params(torch.float32)
     grads = gradient_stream(8, torch.float32)
-    optimizer = OrthoAdam(groups_of(params, True), lr=0.01, rotation=kind, seed=3)
+    optimizer = OrthoAdam(groups_of(params, True), lr=0.01, rotation=kind, seed=3, max_dense_dim=8,
+                          long_axis="identity")
     run(optimizer, params, grads[:4])
     buffer = io.BytesIO()
     torch.save({"params": {n: p.detach().clone() for n, p in params.items()}, "optim": optimizer.state_dict()}, buffer)
@@ -116,7 +119,7 @@ def test_state_dict_round_trip_continues_bit_identically(kind):
     buffer.seek(0)
     checkpoint = torch.load(buffer)
     restored = {n: torch.nn.Parameter(p) for n, p in checkpoint["params"].items()}
-    # A fresh optimiser built with other settings: the checkpoint's seed and rotation kind must win.
+    # A fresh optimiser built with other settings: the checkpoint's rotation settings must win.
     resumed = OrthoAdam(groups_of(restored, True), lr=0.01, rotation="hadamard" if kind == "dense" else "dense")
     resumed.load_state_dict(checkpoint["optim"])
     run(resumed, restored, grads[4:])
@@ -140,6 +143,22 @@ def test_loading_onto_other_shapes_fails_clearly():
         OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
 
 
+def test_a_state_dict_from_before_long_axis_existed_resumes_with_hadamard_long_axes():
+    params, grads = make_params(), gradient_stream(4)
+    reference = OrthoAdam(groups_of(params, True), lr=0.01, rotation="dense", max_dense_dim=8)
+    run(reference, params, grads[:2])
+    state = copy.deepcopy(reference.state_dict())
+    for group in state["param_groups"]:
+        del group["long_axis"]
+    restored = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    resumed = OrthoAdam(groups_of(restored, True), lr=0.01, long_axis="identity")
+    resumed.load_state_dict(state)
+    run(reference, params, grads[2:])
+    run(resumed, restored, grads[2:])
+    for name in params:
+        assert torch.equal(params[name].detach(), restored[name].detach()), name
+
+
 def test_loading_a_state_dict_from_another_rotation_scheme_fails_clearly():
     params = make_params()
     optimizer = OrthoAdam(groups_of(params, True))
@@ -159,6 +178,7 @@ def test_loading_a_state_dict_from_another_rotation_scheme_fails_clearly():
     ({"rotation": "signed_permutation"}, "unknown rotation kind 'signed_permutation': choose one of dense, hadamard"),
     ({"max_dense_dim": 0}, "invalid max_dense_dim=0"),
     ({"seed": 1.5}, "invalid seed=1.5"),
+    ({"long_axis": "none"}, "unknown long_axis 'none': choose one of hadamard, identity"),
 ])
 def test_bad_hyper_parameters_fail_clearly(kwargs, message):
     with pytest.raises(OrthoAdamConfigError, match=message):

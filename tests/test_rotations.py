@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 
 from ds_orthoadam.rotations import (
+    LongAxisError,
     RotationKindError,
     haar_orthogonal,
     make_rotation,
@@ -18,8 +19,9 @@ from ds_orthoadam.rotations import (
 )
 
 SHAPES = [(), (1,), (2,), (7,), (16,), (12,), (5, 6), (8, 4), (1, 9), (3, 4, 5), (2, 3, 1, 2), (263,), (2, 263)]
-# "dense-fallback": dense kind with a tiny max_dense_dim, so long axes take the structured transform.
-KINDS = [("dense", 4096), ("hadamard", 4096), ("dense-fallback", 4)]
+# "dense-fallback": dense kind with a tiny max_dense_dim, so long axes take the structured transform;
+# "*-identity": long axes (beyond a tiny max_dense_dim) are left unrotated.
+KINDS = [("dense", 4096), ("hadamard", 4096), ("dense-fallback", 4), ("dense-identity", 4), ("hadamard-identity", 4)]
 
 
 def full_matrix(rotation, shape) -> torch.Tensor:
@@ -30,8 +32,10 @@ def full_matrix(rotation, shape) -> torch.Tensor:
 
 
 def build(shape, kind, max_dense_dim, key="layer.weight", seed=0):
-    kind = "dense" if kind == "dense-fallback" else kind
-    return make_rotation(shape, kind, seed=seed, key=key, max_dense_dim=max_dense_dim, dtype=torch.float64)
+    long_axis = "identity" if kind.endswith("-identity") else "hadamard"
+    kind = kind.split("-")[0]
+    return make_rotation(shape, kind, seed=seed, key=key, max_dense_dim=max_dense_dim, dtype=torch.float64,
+                         long_axis=long_axis)
 
 
 @pytest.mark.parametrize("kind,max_dense_dim", KINDS)
@@ -74,6 +78,29 @@ def test_rotation_is_the_kronecker_product_of_its_axis_factors(shape, kind):
              for axis in rotation.axes]
     expected = functools.reduce(torch.kron, factors) @ torch.diag(functools.reduce(torch.kron, signs))
     torch.testing.assert_close(full_matrix(rotation, shape), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "hadamard"])
+@pytest.mark.parametrize("shape,long_axes", [((40, 6), (0,)), ((6, 40), (1,)), ((40, 3, 4), (0, 1)), ((50,), (0,))])
+def test_identity_long_axes_leave_that_axis_unmixed_and_keep_the_other_axis_transform(kind, shape, long_axes):
+    """With long_axis="identity", Q = kron over axes of (I for a long axis, else the axis transform the default
+    long_axis="hadamard" rotation uses for that axis: the same random draw)."""
+    view = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else shape
+    identity = build(shape, f"{kind}-identity", max_dense_dim=10)
+    default = build(shape, kind, max_dense_dim=10)
+    blocks = []
+    for position, (size, axis) in enumerate(zip(view, default.axes)):
+        if position in long_axes:
+            blocks.append(torch.eye(size, dtype=torch.float64))
+        else:
+            signs = axis.signs if axis.signs is not None else torch.ones(size, dtype=torch.float64)
+            blocks.append(functools.reduce(torch.kron, axis.factors) @ torch.diag(signs))
+    torch.testing.assert_close(full_matrix(identity, shape), functools.reduce(torch.kron, blocks), rtol=0, atol=1e-12)
+
+
+def test_unknown_long_axis_transform_fails_clearly():
+    with pytest.raises(LongAxisError, match="unknown long_axis transform 'drop': choose one of hadamard, identity"):
+        make_rotation((8, 5000), "hadamard", long_axis="drop")
 
 
 @pytest.mark.parametrize("n", [2, 4, 64, 256])
@@ -153,14 +180,17 @@ def test_rotation_nbytes_counts_matrices_signs_and_permutations():
     assert sum(make_rotation(p.shape, "hadamard", key=n).nbytes for n, p in model.named_parameters()) == expected
     # 263 is prime > 256: three windows of 256 signs (float32) and a permutation of 263 int64 indices.
     assert rotation_nbytes([("v", torch.zeros(263))], "hadamard") == 4 * 3 * 256 + 8 * 263
+    # An identity long axis takes nothing: only the embedding's 8-axis remains.
+    assert rotation_nbytes([("e", torch.zeros(5000, 8))], "dense", long_axis="identity") == 4 * 8**2
 
 
 @pytest.mark.parametrize("shape,kind", [((6, 10), "dense"), ((64, 12), "hadamard"), ((2, 263), "hadamard"),
-                                        ((16,), "hadamard"), ((), "dense")])
+                                        ((16,), "hadamard"), ((), "dense"), ((5000, 6), "hadamard-identity"),
+                                        ((5000,), "dense-identity")])
 def test_workspace_path_matches_the_allocating_path_and_leaves_the_input_alone(shape, kind):
-    rotation = make_rotation(shape, kind, key="w", dtype=torch.float64)
-    workspace = (torch.full((2000,), float("nan"), dtype=torch.float64),
-                 torch.full((2000,), float("nan"), dtype=torch.float64))
+    rotation = build(shape, kind, max_dense_dim=4096, key="w")
+    workspace = (torch.full((30000,), float("nan"), dtype=torch.float64),
+                 torch.full((30000,), float("nan"), dtype=torch.float64))
     x = torch.randn(shape, dtype=torch.float64)
     original = x.clone()
     rotated = rotation.rotate(x, workspace)

@@ -193,6 +193,7 @@ def test_orthoadam_translates_to_deepspeed_adamw_and_other_names_pass_through():
     (_orthoadam_config(betas=0.9), "optimizer.params.betas"),
     (_orthoadam_config(seed=1.5), "optimizer.params.seed"),
     (_orthoadam_config(rotation="permutation"), "optimizer.params.rotation"),
+    (_orthoadam_config(long_axis="skip"), "optimizer.params.long_axis"),
     (_orthoadam_config(momentum=0.9), "optimizer.params.momentum"),
     ({**_orthoadam_config(), "zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
     ({**_orthoadam_config(), "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
@@ -223,6 +224,10 @@ def test_loading_with_other_rotations_or_a_plain_checkpoint_fails_clearly(tmp_pa
     other_seed["optimizer"]["params"]["seed"] += 1
     with pytest.raises(RotationMismatchError, match="seed"):
         _one_rank_engine(other_seed).load_checkpoint(str(tmp_path / "ortho"), tag="t")
+    identity_long_axes = ds_config(stage=1)
+    identity_long_axes["optimizer"]["params"].update(long_axis="identity", max_dense_dim=16)
+    with pytest.raises(RotationMismatchError, match="'long_axis': 'identity'"):
+        _one_rank_engine(identity_long_axes).load_checkpoint(str(tmp_path / "ortho"), tag="t")
     plain = _one_rank_engine(ds_config(stage=1, optimizer="AdamW"))
     plain.save_checkpoint(str(tmp_path / "plain"), tag="t")
     with pytest.raises(RotationMismatchError, match="load_module_only=True"):
