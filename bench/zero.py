@@ -9,7 +9,8 @@ Measured in this process, each as the minimum over ``--repeats`` interleaved rou
 * ``fwd_bwd``: forward + backward of one micro-batch of ``--micro-tokens`` tokens (the baseline's compute);
 * ``adamw``: one torch AdamW step over all parameters (what DeepSpeed's AdamW does, summed over ranks);
 * ``rotate``: rotating every gradient and ``unrotate``: rotating every parameter back (once per optimiser step),
-  for dense and Hadamard rotations;
+  for dense and Hadamard rotations, each with the vocabulary axis Hadamard-rotated (``long_axis="hadamard"``, the
+  default) or left unrotated (``long_axis="identity"``);
 * inside DeepSpeed (ZeRO-1, one rank, 2 micro-batches per step, same config but the optimiser name): each
   micro-batch's ``engine.backward`` and ``engine.step`` with AdamW and with OrthoAdam, as a check that the
   components add up where the integration says they are paid.
@@ -36,10 +37,12 @@ import torch
 
 import ds_orthoadam
 from ds_orthoadam import ds_internals
-from ds_orthoadam.rotations import rotation_nbytes
+from ds_orthoadam.rotations import LONG_AXIS_TRANSFORMS
 from ds_orthoadam.zero_orthoadam import RotatedFrame, RotationSpec
 
 PAPER_TOKENS_PER_RANK = 16384
+ROTATION_VARIANTS = {f"{kind}, long axis {long_axis}": RotationSpec(kind, long_axis=long_axis)
+                     for kind in ("dense", "hadamard") for long_axis in LONG_AXIS_TRANSFORMS}
 SEQ_LEN = 256
 ENGINE_ACCUMULATION = 2
 
@@ -68,22 +71,16 @@ def measure_components(model: torch.nn.Module, tokens: torch.Tensor, repeats: in
 
     fwd_bwd()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    frames = {kind: RotatedFrame(model.named_parameters(), RotationSpec(kind)) for kind in ("dense", "hadamard")}
+    frames = {label: RotatedFrame(model.named_parameters(), spec) for label, spec in ROTATION_VARIANTS.items()}
     tasks = {"fwd_bwd": fwd_bwd, "adamw": adamw.step}
-    for kind, frame in frames.items():
-        tasks[f"rotate_{kind}"] = functools.partial(rotate_all, frame, grads)
-        tasks[f"unrotate_{kind}"] = frame.unrotate_params_
+    for label, frame in frames.items():
+        tasks[f"rotate_{label}"] = frame.rotate_gradients_  # the gradients stay finite: Q is orthogonal
+        tasks[f"unrotate_{label}"] = frame.unrotate_params_
     timings = interleaved_best_times(tasks, repeats)
-    for kind, frame in frames.items():
-        timings[f"rotation_bytes_{kind}"] = frame.nbytes
+    for label, frame in frames.items():
+        timings[f"rotation_bytes_{label}"] = frame.nbytes
+        timings[f"scratch_bytes_{label}"] = frame.scratch.nbytes
     return timings
-
-
-def rotate_all(frame: RotatedFrame, grads: dict[str, torch.Tensor]) -> None:
-    """One gradient rotation of the whole model: Q g for every parameter."""
-    for name, grad in grads.items():
-        frame.rotations[name].rotate(grad)
 
 
 def build_engine(name: str, optimizer: str, tokens: torch.Tensor):
@@ -157,10 +154,11 @@ def main() -> None:
     print(f"fwd+bwd {tokens.numel()} tokens {t['fwd_bwd']:.3f} s | AdamW step {t['adamw']:.3f} s | "
           f"full step at {PAPER_TOKENS_PER_RANK} tokens/rank = {micro_per_paper_step:g} x fwd+bwd + AdamW "
           f"= {full_step:.1f} s")
-    for kind in ("dense", "hadamard"):
-        rotate, unrotate = t[f"rotate_{kind}"], t[f"unrotate_{kind}"]
-        print(f"{kind}: rotate all gradients {rotate:.3f} s, rotate all parameters back {unrotate:.3f} s, "
-              f"rotations {t[f'rotation_bytes_{kind}'] / 2**20:.1f} MiB per rank")
+    for label in ROTATION_VARIANTS:
+        rotate, unrotate = t[f"rotate_{label}"], t[f"unrotate_{label}"]
+        print(f"{label}: rotate all gradients {rotate:.3f} s, rotate all parameters back {unrotate:.3f} s, "
+              f"rotations {t[f'rotation_bytes_{label}'] / 2**20:.2f} MiB + CPU scratch "
+              f"{t[f'scratch_bytes_{label}'] / 2**20:.0f} MiB per rank (not sharded)")
         for k in args.accumulation:
             once_per_step = (rotate + unrotate) / full_step
             per_micro_batch = (k * rotate + unrotate) / full_step
@@ -171,17 +169,15 @@ def main() -> None:
 
     bytes_unsharded = 3 * 4 * n_params  # fp32 master + exp_avg + exp_avg_sq
     print("ZeRO-1 optimiser state per rank (fp32 master + moments): " + ", ".join(
-        f"N={n}: {bytes_unsharded / n / 2**20:.0f} MiB" for n in (1, 2, 8)) + " (same for AdamW and OrthoAdam); "
-        "rotations dense/hadamard "
-        f"{rotation_nbytes(model.named_parameters(), 'dense') / 2**20:.1f}/"
-        f"{rotation_nbytes(model.named_parameters(), 'hadamard') / 2**20:.2f} MiB per rank (not sharded)")
+        f"N={n}: {bytes_unsharded / n / 2**20:.0f} MiB" for n in (1, 2, 8)) + " (same for AdamW and OrthoAdam)")
 
     if not args.skip_engine:
         init_single_rank()
         e, once_per_step = measure_in_engines(args.model, tokens, args.repeats)
         print(f"in DeepSpeed ZeRO-1, one rank, {ENGINE_ACCUMULATION} micro-batches per step, dense, gradient rotated "
               f"{'once per step' if once_per_step else 'per micro-batch'}; OrthoAdam - AdamW per micro-batch "
-              f"(component rotate {t['rotate_dense']:.3f} s, unrotate {t['unrotate_dense']:.3f} s):")
+              f"(component rotate {t['rotate_dense, long axis hadamard']:.3f} s, "
+              f"unrotate {t['unrotate_dense, long axis hadamard']:.3f} s):")
         for micro in range(ENGINE_ACCUMULATION):
             backward, step = (e[f"{task}{micro}_OrthoAdam"] - e[f"{task}{micro}_AdamW"]
                               for task in ("backward", "step"))

@@ -32,7 +32,7 @@ from ds_orthoadam.rotations import (
     ROTATION_KINDS,
     ROTATION_VERSION,
     Rotation,
-    Workspace,
+    ScratchBuffers,
     make_rotation,
 )
 
@@ -107,7 +107,7 @@ class OrthoAdam(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rotation=rotation, seed=seed,
                         max_dense_dim=max_dense_dim, long_axis=long_axis, rotation_version=ROTATION_VERSION)
         self._rotations: dict[torch.Tensor, tuple[tuple, Rotation]] = {}
-        self._workspaces: dict[tuple[torch.device, torch.dtype], Workspace] = {}
+        self._scratch = ScratchBuffers()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -191,21 +191,9 @@ class OrthoAdam(Optimizer):
                 self._step_group(group, by_group[id(group)])
         return loss
 
-    def _workspace(self, numel: int, device: torch.device, dtype: torch.dtype) -> Workspace:
-        """Two flat scratch buffers per (device, dtype), as large as the largest parameter, reused every step.
-
-        Rotations write their intermediate results there: allocating (and page-faulting) fresh
-        parameter-sized tensors for every Kronecker factor would cost more than the arithmetic.
-        """
-        buffers = self._workspaces.get((device, dtype))
-        if buffers is None or buffers[0].numel() < numel:
-            buffers = self._workspaces[(device, dtype)] = (
-                torch.empty(numel, device=device, dtype=dtype), torch.empty(numel, device=device, dtype=dtype))
-        return buffers
-
     def workspace_nbytes(self) -> int:
-        """Bytes held by the scratch buffers (two times the largest parameter once a step has run)."""
-        return sum(b.numel() * b.element_size() for buffers in self._workspaces.values() for b in buffers)
+        """Bytes held by the scratch buffers (CPU: two times the largest parameter once a step has run; else 0)."""
+        return self._scratch.nbytes
 
     def _step_group(self, group: dict[str, Any], entries: list[tuple[torch.Tensor, str]]) -> None:
         """Adam's moment and direction math is torch's own AdamW (its fused kernel where the device has one),
@@ -223,10 +211,11 @@ class OrthoAdam(Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(parameter, dtype=dtype)
                 state["exp_avg_sq"] = torch.zeros_like(parameter, dtype=dtype)
-            workspace = self._workspace(parameter.numel(), parameter.device, dtype)
+            workspace = self._scratch.get(parameter.numel(), parameter.device, dtype)
 
             rotated = rotation.rotate(parameter.grad.to(dtype), workspace)
-            direction = Rotation.free_buffer(rotated, workspace).view_as(parameter).zero_()
+            free = Rotation.free_buffer(rotated, workspace)
+            direction = torch.zeros_like(rotated) if free is None else free.view_as(parameter).zero_()
             step = torch.tensor(float(state["step"]), device=parameter.device)  # torch's AdamW increments it
             adamw([direction], [rotated], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
                   fused=parameter.device.type in _FUSED_DEVICES, amsgrad=False, beta1=beta1, beta2=beta2, lr=1.0,

@@ -56,7 +56,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from ds_orthoadam import ds_internals
 from ds_orthoadam import rotations
-from ds_orthoadam.rotations import Rotation, make_rotation
+from ds_orthoadam.rotations import Rotation, ScratchBuffers, make_rotation
 
 ORTHOADAM_TYPE = "orthoadam"
 CLIENT_STATE_KEY = "ds_orthoadam_rotation"
@@ -213,39 +213,47 @@ class RotatedFrame:
                                 long_axis=spec.long_axis)
             for name, p in self.params.items()
         }
+        self.scratch = ScratchBuffers()
 
     @property
     def nbytes(self) -> int:
         """Bytes taken by all rotations (the same on every rank: they are not sharded)."""
         return sum(rotation.nbytes for rotation in self.rotations.values())
 
+    def _rotated(self, name: str, tensor: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Q x (or Q^T x) of a parameter-shaped tensor, computed in fp32; the result may live in a scratch buffer
+        (valid until the next call)."""
+        workspace = self.scratch.get(tensor.numel(), tensor.device, torch.float32)
+        rotation = self.rotations[name]
+        return (rotation.unrotate if inverse else rotation.rotate)(tensor.float(), workspace)
+
     @torch.no_grad()
     def rotate_params_(self) -> None:
         """theta -> phi = Q theta, in place (computed in fp32 whatever the parameter dtype)."""
         for name, param in self.params.items():
-            param.copy_(self.rotations[name].rotate(param.float()))
+            param.copy_(self._rotated(name, param))
 
     @torch.no_grad()
     def unrotate_params_(self) -> None:
         """phi -> theta = Q^T phi, in place."""
         for name, param in self.params.items():
-            param.copy_(self.rotations[name].unrotate(param.float()))
+            param.copy_(self._rotated(name, param, inverse=True))
 
     @torch.no_grad()
     def rotate_gradients_(self) -> None:
         """g -> Q g in place for every accumulated gradient (parameters that received none are skipped)."""
         for name, param in self.params.items():
             if param.grad is not None:
-                param.grad.copy_(self.rotations[name].rotate(param.grad.float()))
+                param.grad.copy_(self._rotated(name, param.grad))
 
     def register_gradient_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Make every micro-batch's gradient arrive rotated (Q g) before DeepSpeed accumulates, reduces or clips it."""
 
-        def rotate_gradient(rotation: Rotation, grad: torch.Tensor) -> torch.Tensor:
-            return rotation.rotate(grad.float()).to(grad.dtype)
+        def rotate_gradient(name: str, grad: torch.Tensor) -> torch.Tensor:
+            # A new tensor: autograd may adopt what a hook returns as p.grad, so it must not be a scratch buffer.
+            return self._rotated(name, grad).to(grad.dtype, copy=True)
 
-        return [param.register_hook(functools.partial(rotate_gradient, self.rotations[name]))
-                for name, param in self.params.items()]
+        return [param.register_hook(functools.partial(rotate_gradient, name)) for name, param in self.params.items()]
 
     def unrotate_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A state dict with every rotated entry mapped back to theta; tied aliases follow their parameter."""

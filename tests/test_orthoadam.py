@@ -7,7 +7,7 @@ import torch
 
 from ds_orthoadam import OrthoAdam
 from ds_orthoadam.orthoadam import OrthoAdamConfigError, OrthoAdamStateError
-from ds_orthoadam.rotations import make_rotation, rotation_nbytes
+from ds_orthoadam.rotations import ScratchBuffers, make_rotation, rotation_nbytes
 
 SHAPES = {"blocks.0.weight": (6, 10), "blocks.0.bias": (6,), "conv.weight": (4, 3, 2, 2), "gain": (), "emb": (40, 5)}
 GROUPS = [  # several param groups with their own hyper-parameters (weight decay on matrices only)
@@ -71,6 +71,17 @@ def test_orthoadam_equals_adamw_on_rotated_parameters(kind, max_dense_dim, long_
         mapped_back = rotations[name].unrotate(rotated[name].detach())
         torch.testing.assert_close(parameter.detach(), mapped_back, rtol=0, atol=1e-6)
         assert (parameter.detach() - make_params()[name].detach()).abs().max() > 1e-3  # it really moved
+
+
+def test_step_without_scratch_buffers_as_on_accelerators_is_identical(monkeypatch):
+    """Accelerators get no scratch buffers (rotations allocate): the other code path must compute the same step."""
+    params, grads = make_params(), gradient_stream(3)
+    run(OrthoAdam(groups_of(params, True), lr=0.05, rotation="hadamard"), params, grads)
+    monkeypatch.setattr(ScratchBuffers, "get", lambda self, numel, device, dtype: None)
+    allocating = make_params()
+    run(OrthoAdam(groups_of(allocating, True), lr=0.05, rotation="hadamard"), allocating, grads)
+    for name in params:
+        torch.testing.assert_close(allocating[name].detach(), params[name].detach(), rtol=0, atol=1e-12)
 
 
 def test_orthoadam_differs_from_adamw_on_the_same_gradients():

@@ -12,6 +12,7 @@ import torch
 from ds_orthoadam.rotations import (
     LongAxisError,
     RotationKindError,
+    ScratchBuffers,
     haar_orthogonal,
     make_rotation,
     normalised_hadamard,
@@ -200,3 +201,14 @@ def test_workspace_path_matches_the_allocating_path_and_leaves_the_input_alone(s
     expected = rotation.unrotate(rotated.clone())
     torch.testing.assert_close(rotation.unrotate(rotated, workspace), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(expected, original, rtol=0, atol=1e-12)
+
+
+def test_scratch_buffers_are_kept_and_grown_on_the_cpu_only():
+    scratch = ScratchBuffers()
+    first = scratch.get(10, torch.device("cpu"), torch.float32)
+    assert [b.numel() for b in first] == [10, 10]
+    assert scratch.get(4, torch.device("cpu"), torch.float32) is first  # reused
+    grown = scratch.get(30, torch.device("cpu"), torch.float32)
+    assert [b.numel() for b in grown] == [30, 30] and scratch.nbytes == 2 * 30 * 4
+    assert scratch.get(30, torch.device("meta"), torch.float32) is None  # accelerators: allocate as you go
+    assert scratch.nbytes == 2 * 30 * 4
