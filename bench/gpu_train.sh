@@ -5,7 +5,7 @@
 # schedule to 100 steps (10 warmup) and the data to the built-in demo corpus (no network needed).
 #
 #   bench/gpu_train.sh                       # after `make setup demo-data tokenizer` with a CUDA torch in .venv
-#   PEAK_TFLOPS=989 bench/gpu_train.sh       # MFU against an H100/H200's dense fp16 peak (default: V100, 125)
+#   PEAK_TFLOPS=989 bench/gpu_train.sh       # MFU against this peak (default: the detected GPU's, see telemetry.py)
 #
 # Prints: tokens/s and MFU (formula in ds_orthoadam/telemetry.py), the loss-scale history and the number of
 # overflow-skipped steps; the run directory (TensorBoard logs, checkpoint, export) is kept under $RUN_DIR.
@@ -23,7 +23,7 @@ make --no-print-directory train-llama-60m NUM_GPUS=1 VENV="$VENV" ATTN=softmax1 
     TRAIN_DATA=data/demo TRAIN_TOKENIZER=data/demo/tokenizer RUN_DIR="$RUN_DIR" \
     TRAIN_ARGS="--train-steps $STEPS --set train_batch_size=64 --set scheduler.params.total_num_steps=$STEPS \
 --set scheduler.params.warmup_num_steps=10 --log-every 5 --eval-every 0 --checkpoint-every $STEPS \
---outlier-every 50 --val-samples 33 --peak-tflops ${PEAK_TFLOPS:-125}"
+--outlier-every 50 --val-samples 33 ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS}"
 
 "$VENV/bin/python" - "$RUN_DIR/metrics.jsonl" <<'PY'
 import json, statistics, sys
@@ -33,8 +33,10 @@ logged = [row for row in rows if "Perf/tokens_per_s" in row]
 steady = logged[len(logged) // 2:] or logged  # second half: past start-up and warm-up of the kernels
 print(f"\nsteps: {max(row['step'] for row in rows)}, logged every 5")
 print(f"tokens/s (median of the second half): {statistics.median(r['Perf/tokens_per_s'] for r in steady):,.0f}")
-print(f"achieved TFLOP/s: {statistics.median(r['Perf/tflops'] for r in steady):.2f}, "
-      f"MFU: {100 * statistics.median(r['Perf/mfu'] for r in steady):.1f}% (6N + 12LdT FLOPs per token)")
+mfu = (f"MFU: {100 * statistics.median(r['Perf/mfu'] for r in steady):.1f}%" if "Perf/mfu" in steady[0]
+       else "MFU: not reported (unlisted GPU: set PEAK_TFLOPS)")
+print(f"achieved TFLOP/s: {statistics.median(r['Perf/tflops'] for r in steady):.2f}, {mfu} "
+      "(6N + 12LdT FLOPs per token)")
 print("loss scale by step: " + ", ".join(f"{r['step']}:{r['Train/loss_scale']:.0f}" for r in logged))
 print(f"overflow-skipped steps: {logged[-1]['Train/skipped_steps']:.0f}")
 print(f"final train loss {logged[-1]['Train/loss']:.3f}; validation loss "

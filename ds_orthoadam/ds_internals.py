@@ -1,10 +1,10 @@
 """Everything ds_orthoadam relies on that DeepSpeed does not document as public API (checked against 0.19.8).
 
 The OrthoAdam integration (:mod:`ds_orthoadam.zero_orthoadam`) keeps DeepSpeed's fp32 master weights and Adam
-moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs seven
-facts about DeepSpeed's internals; each is one function here, and ``tests/test_ds_internals.py`` checks every one
-against the installed DeepSpeed, so an upgrade that breaks one fails loudly there instead of silently training in
-the wrong frame:
+moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs the
+first seven facts about DeepSpeed's internals below, the trainer's restarts the eighth; each is one function here,
+and ``tests/test_ds_internals.py`` checks every one against the installed DeepSpeed, so an upgrade that breaks one
+fails loudly there instead of silently training in the wrong frame (or logging a resumed run twice):
 
 1. which configurations keep a separate fp32 master copy that DeepSpeed writes back into the module's parameters
    (and all-gathers) at the end of every applied step (ZeRO 1/2, and the fp16/bf16 wrappers at stage 0);
@@ -20,6 +20,9 @@ the wrong frame:
 7. that, in those configurations, the reduction is ``engine.allreduce_gradients()`` looked up on the engine
    instance (from the backward epilogue, or from ``step()`` without managed accumulation), so a wrapper installed
    on the instance runs right before DeepSpeed reads the accumulated ``p.grad``.
+8. that DeepSpeed's TensorBoard monitor keeps its ``torch.utils.tensorboard.SummaryWriter`` (rank 0) at
+   ``engine.monitor.tb_monitor.summary_writer``, the writer that ``engine.monitor.write_events`` and DeepSpeed's own
+   ``Train/Samples/*`` events go through (for the resume purge).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
@@ -115,3 +118,24 @@ def checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict:
 def skip_shm_comm_build() -> None:
     """Skip the 40 s JIT build of the ``deepspeed_shm_comm`` op on CPU (only inference all-reduce uses it)."""
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def purge_tensorboard_from_step(engine: "deepspeed.DeepSpeedEngine", step: int) -> bool:
+    """Make TensorBoard discard the events of earlier processes with a step ``>= step`` (rank 0; elsewhere a no-op).
+
+    This is torch's ``SummaryWriter(purge_step=step)`` applied to the writer DeepSpeed's monitor created at
+    ``initialize``: closing it and setting ``purge_step`` makes the writer open a new event file that starts with
+    ``Event(step, file_version="brain.Event:2")`` and ``Event(step, session_log=START)``. Readers that honour the
+    START event (``EventAccumulator``, ``tensorboard --load_fast=false``) then drop every earlier event, of every
+    tag, whose step is ``>= step``; TensorBoard's default fast loader ignores it but drops, per tag, earlier points
+    at or after each re-written step. Returns whether there was a writer to purge through.
+    """
+    tb_monitor = engine.monitor.tb_monitor
+    writer = tb_monitor.summary_writer if tb_monitor is not None else None
+    if writer is None:
+        return False
+    writer.close()
+    writer.purge_step = step
+    writer._get_file_writer()  # opens the new event file and writes the two purge events into it
+    writer.flush()
+    return True

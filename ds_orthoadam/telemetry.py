@@ -5,7 +5,7 @@ TensorBoard tags (all keyed by optimiser step; DeepSpeed itself adds ``Train/Sam
 
 * ``Train/loss``, ``Train/lr``, ``Train/grad_norm`` (global 2-norm before clipping)
 * ``Train/loss_scale``, ``Train/skipped_steps`` (fp16 only: dynamic loss scale, overflow-skipped steps so far)
-* ``Perf/tokens_per_s``, ``Perf/tflops`` (achieved, all ranks together), ``Perf/mfu``
+* ``Perf/tokens_per_s``, ``Perf/tflops`` (achieved, all ranks together), ``Perf/mfu`` (only with a known peak)
 * ``Val/loss``, ``Val/ppl``
 * ``Outliers/<metric>``: ``ds_orthoadam.analysis.metrics.outlier_metrics`` on a fixed probe batch every K steps
   (first-token attention share, hidden-state kurtosis first token / rest, max |activation| first token / rest, per
@@ -15,13 +15,20 @@ FLOPs per trained token (PaLM, Chowdhery et al. 2022, appendix B): ``6 N + 12 L 
 every matrix multiply (all parameters except the token and position embedding tables, plus the output projection,
 counted once even when tied to the embedding), L the layers, d the hidden size and T the sequence length (the second
 term is the attention score and value products, forward + backward, without discounting the causal mask).
-MFU = achieved FLOP/s / (peak FLOP/s per device x devices); the peak is the ``--peak-tflops`` option (default
-125 TFLOP/s: V100 SXM2 fp16 tensor cores).
+MFU = achieved FLOP/s / (peak FLOP/s per device x devices). The peak is ``--peak-tflops`` or, without it, the dense
+fp16/bf16 tensor-core peak of the detected GPU (:data:`PEAK_TFLOPS`); on a CPU or an unlisted GPU MFU is not reported.
+
+Restarts: a resumed run starts at the checkpoint's step S, but the crashed process may have logged steps after S.
+:meth:`Telemetry.start_at` drops those rows from ``metrics.jsonl`` and makes TensorBoard hide those events, so
+every step appears once, with the values of the run that continued.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -29,9 +36,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ds_orthoadam import ds_internals
 from ds_orthoadam.analysis.metrics import outlier_metrics
 
-TRAIN_TAGS = ("Train/loss", "Train/lr", "Train/grad_norm", "Perf/tokens_per_s", "Perf/tflops", "Perf/mfu")
+TRAIN_TAGS = ("Train/loss", "Train/lr", "Train/grad_norm", "Perf/tokens_per_s", "Perf/tflops")
+MFU_TAG = "Perf/mfu"  # only with a known peak (see peak_tflops_for_device)
 FP16_TAGS = ("Train/loss_scale", "Train/skipped_steps")
 VALIDATION_TAGS = ("Val/loss", "Val/ppl")
 OUTLIER_PREFIX = "Outliers/"
@@ -52,6 +61,65 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6.0 * matmul_parameters(model) + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
+# Dense (no 2:4 sparsity) fp16/bf16 tensor-core peak per device, TFLOP/s, from NVIDIA's datasheets (the sparse figure
+# halved where only that is printed; RTX 4090: Ada whitepaper, fp32 accumulation). Keyed by the words of
+# torch.cuda.get_device_name(), e.g. "Tesla V100-SXM2-32GB", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3";
+# the first row whose words all occur wins, so a variant (PCIe, NVL) comes before its family.
+PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("V100", "PCIE"), 112.0),
+    (("V100",), 125.0),  # SXM2
+    (("A100",), 312.0),
+    (("A10",), 125.0),
+    (("L4",), 121.0),
+    (("H100", "NVL"), 835.0),
+    (("H100", "PCIE"), 756.0),
+    (("H100",), 989.0),  # SXM
+    (("H200", "NVL"), 835.0),
+    (("H200",), 989.0),
+    (("RTX", "4090"), 165.2),
+)
+
+
+def peak_tflops_for_device(device_name: str) -> float | None:
+    """The dense fp16/bf16 peak of a device named like ``torch.cuda.get_device_name()``; None when not listed.
+
+    Matched by whole words, so an A10G or A100 is not taken for an A10, nor a V100S for a V100.
+    """
+    words = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    return next((tflops for model, tflops in PEAK_TFLOPS if words.issuperset(model)), None)
+
+
+def keep_metrics_through(metrics_file: Path, last_step: int) -> None:
+    """Rewrite ``metrics_file`` with only its rows of steps ``<= last_step``, atomically (rank 0).
+
+    A crash can leave a half-written last line: unparsable lines are dropped with a warning rather than failing the
+    resume. The new content goes to a temporary file in the same directory that then replaces the original, so a
+    crash here leaves either the old or the new file, never a truncated one.
+    """
+    if not metrics_file.exists():
+        return
+    kept, unparsable = [], 0
+    for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            unparsable += 1
+            continue
+        if not isinstance(step, int):
+            unparsable += 1
+        elif step <= last_step:
+            kept.append(line + "\n")
+    if unparsable:
+        print(f"warning: dropped {unparsable} unparsable line(s) from {metrics_file} (left by a crash)",
+              file=sys.stderr, flush=True)
+    temporary = metrics_file.with_name(metrics_file.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, metrics_file)
+
+
 def format_duration(seconds: float) -> str:
     return str(timedelta(seconds=int(max(seconds, 0.0))))
 
@@ -63,12 +131,13 @@ class Telemetry:
     for scripts (the demo summary, tests) that should not parse event files.
     """
 
-    def __init__(self, engine, *, tokens_per_step: int, flops_per_token: float, peak_tflops: float,
+    def __init__(self, engine, *, tokens_per_step: int, flops_per_token: float, peak_tflops: float | None,
                  world_size: int, total_steps: int, rank: int, metrics_file: Path) -> None:
+        """``peak_tflops`` per device; None: MFU is not reported (no ``Perf/mfu``, no MFU in progress lines)."""
         self.engine = engine
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_tflops * 1e12 * world_size
+        self.peak_flops = peak_tflops * 1e12 * world_size if peak_tflops is not None else None
         self.total_steps = total_steps
         self.is_rank0 = rank == 0
         self.metrics_file = metrics_file
@@ -79,6 +148,18 @@ class Telemetry:
         """Print once per run (rank 0), flushed so that launcher logs interleave correctly."""
         if self.is_rank0:
             print(message, flush=True)
+
+    def start_at(self, step: int) -> None:
+        """Forget what an earlier process of this run logged after ``step``, the step training continues from.
+
+        Call once before the first scalar is written, on every rank (0 for a fresh run: a directory left by a run
+        that crashed before its first checkpoint starts clean). TensorBoard hides earlier events of every tag from
+        step ``step + 1`` on, which includes DeepSpeed's sample-keyed ``Train/Samples/*`` points from sample
+        ``step + 1`` on (see :func:`ds_internals.purge_tensorboard_from_step`).
+        """
+        if self.is_rank0:
+            keep_metrics_through(self.metrics_file, step)
+        ds_internals.purge_tensorboard_from_step(self.engine, step + 1)
 
     def _write(self, step: int, scalars: dict[str, float]) -> None:
         self.engine.monitor.write_events([(tag, value, step) for tag, value in scalars.items()])  # rank 0 only
@@ -102,19 +183,20 @@ class Telemetry:
             "Train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "Perf/tokens_per_s": tokens_per_s,
             "Perf/tflops": achieved / 1e12,
-            "Perf/mfu": achieved / self.peak_flops,
         }
+        if self.peak_flops is not None:
+            scalars[MFU_TAG] = achieved / self.peak_flops
         if self.engine.fp16_enabled():
             scalars["Train/loss_scale"] = float(self.engine.optimizer.loss_scale)
             scalars["Train/skipped_steps"] = float(self.engine.skipped_steps)
         self._write(step, scalars)
         eta = format_duration(seconds_per_step * (self.total_steps - step))
+        mfu = f" (MFU {100 * scalars[MFU_TAG]:.1f}%)" if MFU_TAG in scalars else ""
         fp16 = (f" | scale {scalars['Train/loss_scale']:.0f} skipped {self.engine.skipped_steps}"
                 if "Train/loss_scale" in scalars else "")
         self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {scalars['Train/lr']:.2e} | "
                    f"grad norm {scalars['Train/grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
-                   f"{achieved / 1e12:.2f} TFLOP/s (MFU {100 * scalars['Perf/mfu']:.1f}%){fp16} | "
-                   f"ETA {eta}")
+                   f"{achieved / 1e12:.2f} TFLOP/s{mfu}{fp16} | ETA {eta}")
         self._window_start, self._window_steps = now, 0
         return scalars
 

@@ -35,7 +35,7 @@ from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import ExportError, export_checkpoint
 from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, ModelConfigError, build_model
-from ds_orthoadam.telemetry import Telemetry, flops_per_token
+from ds_orthoadam.telemetry import Telemetry, flops_per_token, peak_tflops_for_device
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
@@ -58,6 +58,14 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
         return value
     return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="steps between outlier telemetry on the probe batch (0: off)")
     schedule.add_argument("--probe-samples", type=_count(1), default=4,
                           help="sequences in the fixed outlier probe batch")
-    schedule.add_argument("--peak-tflops", type=float, default=125.0,
-                          help="peak TFLOP/s per device for the MFU estimate (V100 fp16 tensor cores: 125)")
+    schedule.add_argument("--peak-tflops", type=_positive, default=None,
+                          help="peak TFLOP/s per device for the MFU estimate (default: the detected GPU's dense "
+                               "fp16/bf16 tensor-core peak, e.g. V100 125, A100 312, H100 989; on a CPU or an "
+                               "unlisted GPU MFU is not reported)")
     output = parser.add_argument_group("checkpoints and output")
     output.add_argument("--output-dir", required=True,
                         help="run directory: run.json, checkpoints/, tensorboard/, metrics.jsonl, hf/ "
@@ -222,11 +232,23 @@ class Trainer:
         self.batches = iter(self.stream)
         self.tokens_per_step = ds_config["train_batch_size"] * args.seq_len
         self.telemetry = Telemetry(self.engine, tokens_per_step=self.tokens_per_step,
-                                   flops_per_token=self.flops_per_token, peak_tflops=args.peak_tflops,
+                                   flops_per_token=self.flops_per_token, peak_tflops=self.peak_tflops(),
                                    world_size=self.world_size, total_steps=self.total_steps, rank=self.rank,
                                    metrics_file=self.output_dir / "metrics.jsonl")
+        self.telemetry.start_at(self.step)  # a resumed run logs steps after the checkpoint once, not twice
         self.stop = StopRequest()
         self.last_saved_step = self.step
+
+    def peak_tflops(self) -> float | None:
+        """``--peak-tflops``, else the detected GPU's peak; None (MFU not reported) on a CPU or an unlisted GPU."""
+        if self.args.peak_tflops is not None:
+            return self.args.peak_tflops
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        peak = peak_tflops_for_device(device_name)
+        if peak is None and self.rank == 0:
+            print(f"MFU not reported: no known peak TFLOP/s for device '{device_name}' (pass --peak-tflops)",
+                  flush=True)
+        return peak
 
     def _resume(self, tag: str) -> None:
         shared, mine = self.checkpoints.load(self.engine, tag)

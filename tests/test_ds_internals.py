@@ -174,3 +174,21 @@ def test_accumulated_grads_are_reduced_once_at_the_boundary_after_the_callback(s
 def test_configs_that_take_gradients_during_backward_are_not_reduced_at_the_boundary(stage, bf16, extra):
     """These need the per-micro-batch tensor hook (a wrong True here would rotate too late)."""
     assert not ds_internals.reduces_accumulated_grads_at_boundary(_engine(stage, bf16, 2, **extra))
+
+
+def test_tensorboard_purge_hides_a_crashed_process_events_from_the_resume_step(tmp_path):
+    """A crashed process logged steps 1..15; the resumed one (from step 10) purges from 11 and logs 11, 12 again.
+    TensorBoard's EventAccumulator must then read every step once, 11 and 12 with the resumed values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tensorboard = {"enabled": True, "output_path": str(tmp_path), "job_name": "run"}
+    crashed = _engine(0, tensorboard=tensorboard)
+    crashed.monitor.write_events([("Train/loss", float(step), step) for step in range(1, 16)])  # flushed, not closed
+    resumed = _engine(0, tensorboard=tensorboard)  # a new SummaryWriter (new event file) in the same directory
+    assert ds_internals.purge_tensorboard_from_step(resumed, 11)
+    resumed.monitor.write_events([("Train/loss", 100.0 + step, step) for step in (11, 12)])
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("Train/loss")] == (
+        [(step, float(step)) for step in range(1, 11)] + [(11, 111.0), (12, 112.0)])
+    assert not ds_internals.purge_tensorboard_from_step(_engine(0), 11)  # TensorBoard off: nothing to purge

@@ -23,7 +23,7 @@ from ds_orthoadam.checkpointing import COMPLETE_MARKER
 from ds_orthoadam.data import train_tokenizer
 from ds_orthoadam.demo import free_port
 from ds_orthoadam.models import build_model
-from ds_orthoadam.telemetry import TRAIN_TAGS, VALIDATION_TAGS
+from ds_orthoadam.telemetry import MFU_TAG, TRAIN_TAGS, VALIDATION_TAGS
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -72,9 +72,25 @@ def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True):
     return process.returncode, output
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def metric_rows(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every metrics.jsonl row holding ``tag``, in file order (repeated steps stay repeated)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["Train/loss"] for row in rows if "Train/loss" in row}
+    return [(row["step"], row[tag]) for row in rows if tag in row]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return dict(metric_rows(run_dir, "Train/loss"))
+
+
+def tensorboard_scalars(run_dir: Path):
+    """The run's TensorBoard scalars as the EventAccumulator reads them (it honours purge events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = {path.parent for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(event_dirs) == 1
+    events = EventAccumulator(str(event_dirs.pop()))
+    events.Reload()
+    return events
 
 
 def complete_tags(run_dir: Path) -> list[str]:
@@ -89,6 +105,7 @@ def reference_run(corpus, tmp_path_factory) -> Path:
                                 "--keep-checkpoints", "2", "--log-every", "1", "--eval-every", "3",
                                 "--outlier-every", "3")
     assert returncode == 0, output
+    (run_dir.parent / "reference.log").write_text(output)
     return run_dir
 
 
@@ -104,32 +121,51 @@ def test_keeps_the_last_complete_checkpoints_and_points_latest_at_the_newest(ref
     assert (reference_run / "checkpoints" / "latest").read_text() == "global_step6"
 
 
-def test_resume_continues_with_identical_losses(reference_run, corpus, tmp_path):
-    resumed = tmp_path / "resumed"
+def test_resume_continues_with_identical_losses_logged_once(reference_run, corpus, tmp_path):
+    """A crash after step 6 (torn last metrics line), resumed from the step-4 checkpoint: steps 5 and 6 are trained
+    again with the same losses, and metrics.jsonl and TensorBoard hold every step once."""
+    resumed = tmp_path / reference_run.name  # same directory name: same TensorBoard run (job_name)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(reference_run / "run.json", resumed / "run.json")
     shutil.copytree(reference_run / "checkpoints" / "global_step4", resumed / "checkpoints" / "global_step4")
+    shutil.copytree(reference_run / "tensorboard", resumed / "tensorboard")
+    with open(resumed / "metrics.jsonl", "w") as metrics:
+        metrics.write((reference_run / "metrics.jsonl").read_text() + '{"step": 7, "Train/lo')
     returncode, output = launch(corpus, resumed, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
                                 "--resume", "auto", "--no-export", "--outlier-every", "0")
     assert returncode == 0, output
     assert "resumed from" in output and "global_step4 at step 4" in output
-    continued = losses(resumed)
-    assert sorted(continued) == [5, 6]
-    assert continued == {step: losses(reference_run)[step] for step in (5, 6)}
+    assert f"dropped 1 unparsable line(s) from {resumed / 'metrics.jsonl'}" in output
+    reference_losses = losses(reference_run)
+    assert metric_rows(resumed, "Train/loss") == sorted(reference_losses.items())
+    assert [step for step, _ in metric_rows(resumed, "Val/loss")] == [3, STEPS]  # 3 kept, 6 from the resumed run
+    assert [step for step, _ in metric_rows(resumed, "Train/lr")] == [1, 2, 3, 4]  # resumed: --log-every 10
+    events = tensorboard_scalars(resumed)
+    assert [(e.step, e.value) for e in events.Scalars("Train/loss")] == [
+        (step, pytest.approx(loss)) for step, loss in sorted(reference_losses.items())]
+    assert [e.step for e in events.Scalars("Train/lr")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("Outliers/first_token_share")] == [3]
+    # One purge step for all tags: DeepSpeed's sample-keyed points (8 samples per step) from sample 5 on are hidden
+    # too, so only the resumed run's steps 5 and 6 remain (the README says so).
+    assert [e.step for e in events.Scalars("Train/Samples/lr")] == [40, 48]
 
 
 def test_tensorboard_event_files_hold_the_listed_tags(reference_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    event_dirs = {path.parent for path in (reference_run / "tensorboard").rglob("events.out.tfevents.*")}
-    assert len(event_dirs) == 1
-    events = EventAccumulator(str(event_dirs.pop()))
-    events.Reload()
+    events = tensorboard_scalars(reference_run)
     tags = set(events.Tags()["scalars"])
     assert set(TRAIN_TAGS) | set(VALIDATION_TAGS) | {"Train/Samples/lr"} <= tags
+    assert MFU_TAG not in tags  # on a CPU without --peak-tflops
     assert any(tag.startswith("Outliers/") for tag in tags)
     assert [event.step for event in events.Scalars("Train/loss")] == list(range(1, STEPS + 1))
     assert [event.step for event in events.Scalars("Val/loss")] == [3, STEPS]
+
+
+def test_cpu_progress_lines_omit_mfu(reference_run):
+    log = (reference_run.parent / "reference.log").read_text()
+    progress = [line for line in log.splitlines() if "tok/s" in line]
+    assert len(progress) == STEPS and all("TFLOP/s |" in line and "MFU" not in line for line in progress)
+    assert "MFU not reported: no known peak TFLOP/s for device 'cpu' (pass --peak-tflops)" in log
+    assert all(MFU_TAG not in row for row in map(json.loads, (reference_run / "metrics.jsonl").open()))
 
 
 def test_export_reloads_with_identical_logits(reference_run, corpus):
