@@ -1,8 +1,9 @@
 """One optimiser step over llama-60m's parameters: OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
 
-Prints the median step time of each optimiser (same process, same gradients) as a ratio to AdamW(foreach), and the
-extra persistent memory OrthoAdam keeps besides AdamW-sized moments: the rotations and two scratch buffers the size
-of the largest parameter (AdamW's own per-step temporaries are not counted for either). OrthoAdam does its moment
+Prints the median step time of each optimiser (same process, same gradients, one round per OrthoAdam variant with
+its own AdamW baselines) as a ratio to AdamW(foreach), and the extra persistent memory OrthoAdam keeps besides
+AdamW-sized moments: the rotations and two scratch buffers the size of the largest parameter (AdamW's own per-step
+temporaries are not counted for either). OrthoAdam does its moment
 math with torch's fused AdamW kernel, so AdamW(fused) is shown as a second reference. Each rotation kind is run with
 both long-axis transforms (the vocabulary axis Hadamard-rotated, the default, or left unrotated).
 
@@ -59,16 +60,21 @@ def main() -> None:
     print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} thread(s), "
           f"median of {args.steps} interleaved steps")
 
-    # lr=0: every optimiser sees the same parameters and gradients on every step.
-    optimizers: dict[str, torch.optim.Optimizer] = {
-        "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True),
-        "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True)}
+    # lr=0: every optimiser sees the same parameters and gradients on every step. Each OrthoAdam variant is timed
+    # in its own round with fresh AdamW baselines: how fast AdamW(foreach) runs depends on how much memory the
+    # process holds (its per-step temporaries are page-faulted in), so all variants at once would skew the baseline.
     for kind in args.rotations:
         for long_axis in args.long_axes:
-            optimizers[f"OrthoAdam {kind}, long axis {long_axis}"] = OrthoAdam(
-                model.named_parameters(), lr=0.0, rotation=kind, long_axis=long_axis)
-    seconds = interleaved_median_seconds(optimizers, args.steps)
+            optimizers: dict[str, torch.optim.Optimizer] = {
+                "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True),
+                "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True),
+                f"OrthoAdam {kind}, long axis {long_axis}": OrthoAdam(model.named_parameters(), lr=0.0,
+                                                                       rotation=kind, long_axis=long_axis)}
+            report(optimizers, interleaved_median_seconds(optimizers, args.steps))
+            del optimizers
 
+
+def report(optimizers: dict[str, torch.optim.Optimizer], seconds: dict[str, float]) -> None:
     baseline_seconds, baseline_state = seconds["AdamW(foreach)"], state_nbytes(optimizers["AdamW(foreach)"])
     for name, optimizer in optimizers.items():
         is_ortho = isinstance(optimizer, OrthoAdam)
@@ -78,6 +84,7 @@ def main() -> None:
         print(f"{name:38s} {seconds[name] * 1e3:8.1f} ms/step {seconds[name] / baseline_seconds:6.2f}x AdamW   "
               f"extra memory {extra / 2**20:6.1f} MiB = {100 * extra / baseline_state:4.1f}% of AdamW's state "
               f"(rotations {rotation_bytes / 2**20:.1f} MiB, scratch {workspace_bytes / 2**20:.1f} MiB)")
+    print()
 
 
 if __name__ == "__main__":
