@@ -32,9 +32,9 @@ Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It
 an extra copy of the weights during forward/backward, renames every weight in the state dict and breaks tied
 embeddings. The rotated frame costs one gradient rotation (per optimiser step at ZeRO 0/1, per micro-batch at
 ZeRO-2/``overlap_comm``) plus one parameter rotation per optimiser step, and keeps the module untouched. Measured
-by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +5.2%
-per step at ZeRO 0/1 for every k; at ZeRO-2/``overlap_comm`` +5.2%, +13.1%, +44.6% for k = 1, 4, 16; the
-re-parametrisation +5.2%, +20.7%, +83.0% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
+by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +5.0%
+per step at ZeRO 0/1 for every k; at ZeRO-2/``overlap_comm`` +5.0%, +12.4%, +42.3% for k = 1, 4, 16; the
+re-parametrisation +5.0%, +19.8%, +79.4% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
 per step single-process OrthoAdam does anyway, whatever k.
 
 Everything that relies on DeepSpeed behaviour beyond its public API is in :mod:`ds_orthoadam.ds_internals`.
