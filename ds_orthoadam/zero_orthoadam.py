@@ -46,6 +46,7 @@ import functools
 import json
 import numbers
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -288,6 +289,13 @@ class OrthoAdamEngineHooks:
             ds_internals.run_before_boundary_reduction(engine, self._rotate_gradients_once)
         else:
             self.gradient_hooks = frame.register_gradient_hooks()
+            accumulation = engine.gradient_accumulation_steps()
+            if accumulation > 1:
+                warnings.warn(
+                    f"OrthoAdam rotates each of the {accumulation} micro-batches' gradients per optimiser step: this "
+                    "DeepSpeed config (ZeRO-2, overlap_comm or fp32 gradient accumulation under bf16) reduces every "
+                    "micro-batch's gradient during its backward. ZeRO-1 without overlap_comm rotates once per step "
+                    "(README, 'OrthoAdam with DeepSpeed').", UserWarning, stacklevel=3)
         self._set_master_from_module()
         self._wrap("step", self.step)
         self._wrap("save_checkpoint", self.save_checkpoint)

@@ -208,14 +208,21 @@ def test_config_errors_name_the_field(config, field):
 # ------------------------------------------------------------------- checkpoint guards (one rank, in process)
 
 
-def _one_rank_engine(config: dict):
+def _one_rank_engine(config: dict, accumulation: int = 1):
     init_single_rank_process_group()
     model = tiny_model("llama")
-    config = {**config, "gradient_accumulation_steps": 1}
+    config = {**config, "gradient_accumulation_steps": accumulation}
     engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
     engine.backward(loss_of(engine, micro_batch(0, 0, 0)))
     engine.step()
     return engine
+
+
+def test_per_micro_batch_rotation_with_accumulation_is_announced(recwarn):
+    _one_rank_engine(ds_config(stage=1), accumulation=2)
+    assert not [w for w in recwarn if "micro-batches' gradients" in str(w.message)]
+    with pytest.warns(UserWarning, match="rotates each of the 2 micro-batches' gradients per optimiser step"):
+        _one_rank_engine(ds_config(stage=2), accumulation=2)
 
 
 def test_loading_with_other_rotations_or_a_plain_checkpoint_fails_clearly(tmp_path):
