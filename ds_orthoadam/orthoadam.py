@@ -11,10 +11,10 @@ privileged basis that lets outlier features form.
 
 State (``exp_avg``, ``exp_avg_sq`` in the rotated frame, ``step``) round-trips through ``state_dict``; rotations
 are never stored: they are regenerated from the group's ``(seed, rotation, max_dense_dim, long_axis)`` and the
-parameter's key,
-which is its name when the optimiser is given ``model.named_parameters()`` and ``f"param{i}"`` otherwise (i = the
-parameter's position across all param groups, its id in ``state_dict()``). The DeepSpeed integration therefore gets
-the same Q from ``make_rotation(p.shape, kind, seed, name, max_dense_dim, long_axis=long_axis)``.
+parameter's key, which is its name when the optimiser is given ``model.named_parameters()`` and ``f"param{i}"``
+otherwise (i = the parameter's position across all param groups, its id in ``state_dict()``). The DeepSpeed
+integration therefore gets the same Q from ``make_rotation(p.shape, kind, seed, name, max_dense_dim,
+long_axis=long_axis)``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ds_orthoadam.rotations import (
     DEFAULT_LONG_AXIS,
@@ -36,8 +35,12 @@ from ds_orthoadam.rotations import (
     make_rotation,
 )
 
+try:  # torch's own (private) list of devices with a fused AdamW kernel; without it the unfused path is used
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+    _FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+except ImportError:
+    _FUSED_DEVICES = frozenset()
 
 
 class OrthoAdamConfigError(ValueError):
