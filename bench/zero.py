@@ -17,10 +17,10 @@ Measured in this process, each as the minimum over ``--repeats`` interleaved rou
 
 A full step at the paper's 16384 tokens per rank is composed as ``16384/micro_tokens * fwd_bwd + adamw``. With k
 micro-batches per step (gradient accumulation), OrthoAdam (rotated frame, this project) adds per step
-``rotate + unrotate`` where DeepSpeed reduces the accumulated gradient once at the boundary (ZeRO 0, ZeRO 1 without
-``overlap_comm``: the gradient is rotated once, right before that reduction) and ``k * rotate + unrotate`` where
-DeepSpeed takes every micro-batch's gradient during its backward (ZeRO-2, ``overlap_comm``, bf16 with fp32
-gradient accumulation: a tensor hook per micro-batch). The alternative re-parametrisation theta = R(phi) adds
+``rotate + unrotate`` where DeepSpeed reduces the accumulated gradient once at the boundary (ZeRO 0 and ZeRO 1,
+with or without ``overlap_comm``: the step's gradient is rotated once, right before that reduction) and
+``k * rotate + unrotate`` where DeepSpeed takes every micro-batch's gradient during its backward (ZeRO-2, bf16 with
+fp32 gradient accumulation: a tensor hook per micro-batch). The alternative re-parametrisation theta = R(phi) adds
 ``k * (rotate + unrotate)`` (theta = Q^T phi in every forward, Q g in every backward). Memory: rotations (not
 sharded) and the ZeRO-1 optimiser state per rank.
 """
@@ -164,7 +164,7 @@ def main() -> None:
             per_micro_batch = (k * rotate + unrotate) / full_step
             reparametrised = k * (rotate + unrotate) / full_step
             print(f"  accumulation {k:>2}: OrthoAdam extra per step / full step = {once_per_step:.2%} at ZeRO 0/1, "
-                  f"{per_micro_batch:.2%} at ZeRO-2/overlap_comm (re-parametrisation theta=R(phi): "
+                  f"{per_micro_batch:.2%} at ZeRO-2 (re-parametrisation theta=R(phi): "
                   f"{reparametrised:.2%})")
 
     bytes_unsharded = 3 * 4 * n_params  # fp32 master + exp_avg + exp_avg_sq

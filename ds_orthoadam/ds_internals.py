@@ -2,7 +2,7 @@
 
 The OrthoAdam integration (:mod:`ds_orthoadam.zero_orthoadam`) keeps DeepSpeed's fp32 master weights and Adam
 moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs the
-first seven facts about DeepSpeed's internals below, the trainer's restarts the eighth; each is one function here,
+first eight facts about DeepSpeed's internals below, the trainer's restarts the ninth; each is one function here,
 and ``tests/test_ds_internals.py`` checks every one against the installed DeepSpeed, so an upgrade that breaks one
 fails loudly there instead of silently training in the wrong frame (or logging a resumed run twice):
 
@@ -19,8 +19,11 @@ fails loudly there instead of silently training in the wrong frame (or logging a
    accumulate in the parameter dtype): there no DeepSpeed gradient hook consumes ``p.grad`` early;
 7. that, in those configurations, the reduction is ``engine.allreduce_gradients()`` looked up on the engine
    instance (from the backward epilogue, or from ``step()`` without managed accumulation), so a wrapper installed
-   on the instance runs right before DeepSpeed reads the accumulated ``p.grad``.
-8. that DeepSpeed's TensorBoard monitor keeps its ``torch.utils.tensorboard.SummaryWriter`` (rank 0) at
+   on the instance runs right before DeepSpeed reads the accumulated ``p.grad``;
+8. that at ZeRO-1 with ``overlap_comm`` DeepSpeed leaves ``p.grad`` to accumulate over the non-boundary
+   micro-batches and reduces it from a post-accumulation hook in the boundary micro-batch's backward, after the
+   parameter's own tensor hooks have run (:func:`reduces_accumulated_grads_in_boundary_backward`);
+9. that DeepSpeed's TensorBoard monitor keeps its ``torch.utils.tensorboard.SummaryWriter`` (rank 0) at
    ``engine.monitor.tb_monitor.summary_writer``, the writer that ``engine.monitor.write_events`` and DeepSpeed's own
    ``Train/Samples/*`` events go through (for the resume purge).
 
@@ -78,14 +81,39 @@ def reduces_accumulated_grads_at_boundary(engine: "deepspeed.DeepSpeedEngine") -
     Anything else (stage 2, pipelines, DeepCompile, no backward all-reduce) answers False: the caller then rotates
     every micro-batch's gradient in a tensor hook, which is exact wherever DeepSpeed reduces.
     """
-    if (engine.pipeline_parallelism or engine.is_deepcompile_enabled() or not engine.enable_backward_allreduce
-            or isinstance(engine.optimizer, BF16_Optimizer)):
+    if not _plain_data_parallel(engine):
         return False
     optimizer = engine.optimizer
     if isinstance(optimizer, DeepSpeedZeroOptimizer):
-        return not (optimizer.partition_gradients or optimizer.overlap_comm or optimizer.use_grad_accum_attribute
-                    or optimizer.cpu_offload or optimizer.zenflow)
+        return not (optimizer.overlap_comm or _takes_every_micro_batch(optimizer))
     return engine.zero_optimization_stage() == 0
+
+
+def reduces_accumulated_grads_in_boundary_backward(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """True when ``p.grad`` accumulates untouched over the non-boundary micro-batches and DeepSpeed reduces (and
+    removes) it from its post-accumulation hook during the boundary micro-batch's backward.
+
+    That is ZeRO-1 with ``overlap_comm``: without gradient partitioning, ``reduce_ready_partitions_and_remove_grads``
+    acts only when ``is_gradient_accumulation_boundary()``. A tensor hook on the parameter runs before autograd
+    accumulates into ``p.grad``, so on the boundary micro-batch it can fold the accumulated ``p.grad`` into the
+    incoming gradient, clear ``p.grad`` and return what DeepSpeed is to reduce.
+    """
+    optimizer = engine.optimizer
+    return (_plain_data_parallel(engine) and isinstance(optimizer, DeepSpeedZeroOptimizer)
+            and optimizer.overlap_comm and not _takes_every_micro_batch(optimizer))
+
+
+def _plain_data_parallel(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """No pipeline, DeepCompile or BF16_Optimizer, and the backward all-reduce enabled: the cases analysed here."""
+    return not (engine.pipeline_parallelism or engine.is_deepcompile_enabled() or not engine.enable_backward_allreduce
+                or isinstance(engine.optimizer, BF16_Optimizer))
+
+
+def _takes_every_micro_batch(optimizer: DeepSpeedZeroOptimizer) -> bool:
+    """ZeRO-2 partitions, a separate accumulation dtype copies, offload and ZenFlow move every micro-batch's
+    gradient out of ``p.grad`` during its backward."""
+    return bool(optimizer.partition_gradients or optimizer.use_grad_accum_attribute or optimizer.cpu_offload
+                or optimizer.zenflow)
 
 
 def run_before_boundary_reduction(engine: "deepspeed.DeepSpeedEngine", callback: Callable[[], None]) -> None:

@@ -13,10 +13,12 @@ frame"):
   at ZeRO 0 and at ZeRO 1 without ``overlap_comm`` (gradients accumulated in the parameter dtype), DeepSpeed leaves
   ``p.grad`` to accumulate over the micro-batches and reduces it only in ``engine.allreduce_gradients()`` on the
   boundary micro-batch, so the accumulated ``p.grad`` is rotated in place right before that reduction (a wrapper on
-  the engine instance, :func:`ds_orthoadam.ds_internals.run_before_boundary_reduction`); where DeepSpeed takes
-  every micro-batch's gradient during its backward (ZeRO-2, ``overlap_comm``, ``BF16_Optimizer`` with fp32
-  accumulation), a tensor hook on every parameter rotates each micro-batch's gradient instead
-  (``engine.orthoadam_hooks.rotates_once_per_step`` says which);
+  the engine instance, :func:`ds_orthoadam.ds_internals.run_before_boundary_reduction`); at ZeRO 1 with
+  ``overlap_comm`` DeepSpeed reduces the accumulated ``p.grad`` inside the boundary micro-batch's backward, so a
+  tensor hook does nothing on earlier micro-batches and, on the boundary one, hands autograd Q(accumulated +
+  incoming) with ``p.grad`` cleared; where DeepSpeed takes every micro-batch's gradient during its backward
+  (ZeRO-2, ``BF16_Optimizer`` with fp32 accumulation), a tensor hook on every parameter rotates each micro-batch's
+  gradient instead (``engine.orthoadam_hooks.rotates_once_per_step`` says which);
 * after every *applied* step, DeepSpeed has all-gathered phi into the module's parameters: they are rotated back
   (theta = Q^T phi) in place. A step DeepSpeed skips (fp16 overflow: ``engine.was_step_applied()`` is False) touches
   neither the master weights, the moments, the step count, nor the module, so nothing is rotated.
@@ -31,9 +33,9 @@ Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It
 *micro-batch* (theta = Q^T phi in forward, Q g in backward, plus again under activation checkpointing), materialises
 an extra copy of the weights during forward/backward, renames every weight in the state dict and breaks tied
 embeddings. The rotated frame costs one gradient rotation (per optimiser step at ZeRO 0/1, per micro-batch at
-ZeRO-2/``overlap_comm``) plus one parameter rotation per optimiser step, and keeps the module untouched. Measured
+ZeRO-2) plus one parameter rotation per optimiser step, and keeps the module untouched. Measured
 by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +5.0%
-per step at ZeRO 0/1 for every k; at ZeRO-2/``overlap_comm`` +5.0%, +12.4%, +42.3% for k = 1, 4, 16; the
+per step at ZeRO 0/1 for every k; at ZeRO-2 +5.0%, +12.4%, +42.3% for k = 1, 4, 16; the
 re-parametrisation +5.0%, +19.8%, +79.4% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
 per step single-process OrthoAdam does anyway, whatever k.
 
@@ -48,7 +50,7 @@ import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import deepspeed
 import torch
@@ -247,14 +249,28 @@ class RotatedFrame:
             if param.grad is not None:
                 param.grad.copy_(self._rotated(name, param.grad))
 
-    def register_gradient_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Make every micro-batch's gradient arrive rotated (Q g) before DeepSpeed accumulates, reduces or clips it."""
+    def register_gradient_hooks(
+        self, at_boundary: Callable[[], bool] | None = None
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Tensor hooks that hand autograd rotated gradients before DeepSpeed accumulates, reduces or clips them.
 
-        def rotate_gradient(name: str, grad: torch.Tensor) -> torch.Tensor:
+        Without ``at_boundary`` every micro-batch's gradient is rotated (Q g). With it (where DeepSpeed lets ``p.grad``
+        accumulate locally and reduces it during the boundary micro-batch's backward) earlier micro-batches'
+        gradients accumulate unrotated, and on the boundary micro-batch the hook returns Q(accumulated + incoming)
+        with ``p.grad`` cleared, so autograd stores exactly the rotated whole-step gradient: one rotation per step.
+        """
+
+        def rotate_gradient(name: str, param: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+            if at_boundary is not None:
+                if not at_boundary():
+                    return grad
+                if param.grad is not None:
+                    grad, param.grad = param.grad + grad, None
             # A new tensor: autograd may adopt what a hook returns as p.grad, so it must not be a scratch buffer.
             return self._rotated(name, grad).to(grad.dtype, copy=True)
 
-        return [param.register_hook(functools.partial(rotate_gradient, name)) for name, param in self.params.items()]
+        return [param.register_hook(functools.partial(rotate_gradient, name, param))
+                for name, param in self.params.items()]
 
     def unrotate_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A state dict with every rotated entry mapped back to theta; tied aliases follow their parameter."""
@@ -279,23 +295,28 @@ class OrthoAdamEngineHooks:
         self.engine = engine
         self.frame = frame
         self.master_copy = ds_internals.optimizer_keeps_master_copy(engine)
-        # Where DeepSpeed reduces the gradient accumulated in p.grad only on the boundary micro-batch (ZeRO 0, ZeRO 1
-        # without overlap_comm), that accumulated gradient is rotated once per optimiser step, right before the
-        # reduction; elsewhere every micro-batch's gradient is rotated by a tensor hook before DeepSpeed takes it.
-        self.rotates_once_per_step = ds_internals.reduces_accumulated_grads_at_boundary(engine)
+        # Where DeepSpeed reduces the gradient accumulated in p.grad only on the boundary micro-batch, that
+        # accumulated gradient is rotated once per optimiser step: right before engine.allreduce_gradients (ZeRO 0,
+        # ZeRO 1), or by a tensor hook on the boundary micro-batch (ZeRO 1 with overlap_comm, which reduces inside
+        # that backward); elsewhere every micro-batch's gradient is rotated by a tensor hook before DeepSpeed takes it.
+        self.rotates_before_reduction = ds_internals.reduces_accumulated_grads_at_boundary(engine)
+        in_boundary_backward = ds_internals.reduces_accumulated_grads_in_boundary_backward(engine)
+        self.rotates_once_per_step = self.rotates_before_reduction or in_boundary_backward
         self._gradients_rotated = False
-        if self.rotates_once_per_step:
-            self.gradient_hooks = []
+        self.gradient_hooks = []
+        if self.rotates_before_reduction:
             ds_internals.run_before_boundary_reduction(engine, self._rotate_gradients_once)
+        elif in_boundary_backward:
+            self.gradient_hooks = frame.register_gradient_hooks(at_boundary=engine.is_gradient_accumulation_boundary)
         else:
             self.gradient_hooks = frame.register_gradient_hooks()
             accumulation = engine.gradient_accumulation_steps()
             if accumulation > 1:
                 warnings.warn(
                     f"OrthoAdam rotates each of the {accumulation} micro-batches' gradients per optimiser step: this "
-                    "DeepSpeed config (ZeRO-2, overlap_comm or fp32 gradient accumulation under bf16) reduces every "
-                    "micro-batch's gradient during its backward. ZeRO-1 without overlap_comm rotates once per step "
-                    "(README, 'OrthoAdam with DeepSpeed').", UserWarning, stacklevel=3)
+                    "DeepSpeed config (ZeRO-2, or fp32 gradient accumulation under bf16) takes every micro-batch's "
+                    "gradient during its backward. ZeRO-1 rotates once per step (README, 'OrthoAdam with "
+                    "DeepSpeed').", UserWarning, stacklevel=3)
         self._set_master_from_module()
         self._wrap("step", self.step)
         self._wrap("save_checkpoint", self.save_checkpoint)
@@ -324,7 +345,7 @@ class OrthoAdamEngineHooks:
     def step(self, original_step, *args, **kwargs):
         if not self.engine.is_gradient_accumulation_boundary():
             return original_step(*args, **kwargs)
-        if self.rotates_once_per_step:  # normally done before the reduction; here if DeepSpeed skipped it (no_sync)
+        if self.rotates_before_reduction:  # normally done before the reduction; here if DeepSpeed skipped it (no_sync)
             self._rotate_gradients_once()
         if not self.master_copy:  # fp32 at stage 0: AdamW steps the module's parameters themselves
             self.frame.rotate_params_()

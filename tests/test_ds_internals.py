@@ -166,14 +166,52 @@ def test_accumulated_grads_are_reduced_once_at_the_boundary_after_the_callback(s
             assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("stage, bf16, extra", [
-    (1, False, {"zero_optimization": {"stage": 1, "overlap_comm": True}}),  # boundary micro-batch reduced in backward
-    (2, False, {}),  # every micro-batch reduced and partitioned during its backward
-    (1, True, {"data_types": {"grad_accum_dtype": "fp32"}}),  # BF16_Optimizer: fp32 buffers after every backward
+@pytest.mark.parametrize("stage, bf16, extra, in_boundary_backward", [
+    (1, False, {"zero_optimization": {"stage": 1, "overlap_comm": True}}, True),  # boundary reduced in its backward
+    (2, False, {}, False),  # every micro-batch reduced and partitioned during its backward
+    (1, True, {"data_types": {"grad_accum_dtype": "fp32"}}, False),  # BF16_Optimizer: fp32 buffers every backward
 ])
-def test_configs_that_take_gradients_during_backward_are_not_reduced_at_the_boundary(stage, bf16, extra):
-    """These need the per-micro-batch tensor hook (a wrong True here would rotate too late)."""
-    assert not ds_internals.reduces_accumulated_grads_at_boundary(_engine(stage, bf16, 2, **extra))
+def test_configs_that_take_gradients_during_backward_are_not_reduced_at_the_boundary(stage, bf16, extra,
+                                                                                     in_boundary_backward):
+    """These need tensor hooks (a wrong True for the first function would rotate too late)."""
+    engine = _engine(stage, bf16, 2, **extra)
+    assert not ds_internals.reduces_accumulated_grads_at_boundary(engine)
+    assert ds_internals.reduces_accumulated_grads_in_boundary_backward(engine) is in_boundary_backward
+    if stage == 1 and not bf16:  # the configs of the test above reduce in allreduce_gradients instead
+        assert not ds_internals.reduces_accumulated_grads_in_boundary_backward(_engine(stage, bf16, 2))
+
+
+def test_zero1_overlap_comm_reduces_what_a_boundary_tensor_hook_returns_for_the_whole_step():
+    """At ZeRO-1 with overlap_comm, p.grad holds the earlier micro-batches' local sum when a tensor hook runs on the
+    boundary micro-batch, and what that hook returns (with p.grad cleared) is exactly what DeepSpeed reduces and
+    steps: negating the whole-step sum there equals training on the negated loss."""
+    accumulation, overlap = 2, {"zero_optimization": {"stage": 1, "overlap_comm": True}}
+    engine, negated_loss = (_engine(1, False, accumulation, **overlap) for _ in range(2))
+    assert ds_internals.reduces_accumulated_grads_in_boundary_backward(engine)
+    seen_sums: dict[str, torch.Tensor] = {}
+
+    def negate_whole_step(name, param, grad):
+        if not engine.is_gradient_accumulation_boundary():
+            return grad
+        total = grad if param.grad is None else param.grad + grad
+        seen_sums.setdefault(name, total.clone())  # the first step's sums
+        param.grad = None
+        return -total
+
+    for name, param in engine.module.named_parameters():
+        param.register_hook(lambda grad, name=name, param=param: negate_whole_step(name, param, grad))
+    for step in range(2):
+        for micro in range(accumulation):
+            engine.backward(loss_of(engine, micro_batch(step, micro, 0)))
+            negated_loss.backward(-loss_of(negated_loss, micro_batch(step, micro, 0)))
+            engine.step()
+            negated_loss.step()
+        if step == 0:
+            names = [name for name, _ in engine.module.named_parameters()]
+            for name, reference in zip(names, _local_accumulated_grads(False, step, accumulation)):
+                assert ((seen_sums[name] - reference).norm() / reference.norm()).item() <= 1e-6, name
+        for p, q in zip(engine.module.parameters(), negated_loss.module.parameters()):
+            assert torch.equal(p, q)
 
 
 def test_tensorboard_purge_hides_a_crashed_process_events_from_the_resume_step(tmp_path):
