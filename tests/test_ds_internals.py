@@ -131,6 +131,16 @@ def _local_accumulated_grads(bf16: bool, step: int, accumulation: int) -> list[t
     return [p.grad for p in model.parameters()]
 
 
+def _step_on_loss_and_negated_loss(engine, negated_loss, step: int, accumulation: int) -> None:
+    """One optimiser step of ``engine`` on the loss and of ``negated_loss`` on its negation, micro-batch by
+    micro-batch."""
+    for micro in range(accumulation):
+        engine.backward(loss_of(engine, micro_batch(step, micro, 0)))
+        negated_loss.backward(-loss_of(negated_loss, micro_batch(step, micro, 0)))
+        engine.step()
+        negated_loss.step()
+
+
 @pytest.mark.parametrize("stage, bf16", [(0, False), (0, True), (1, False), (1, True)])
 def test_accumulated_grads_are_reduced_once_at_the_boundary_after_the_callback(stage, bf16):
     """Where reduces_accumulated_grads_at_boundary holds, the callback runs once per optimiser step, on the boundary
@@ -141,21 +151,17 @@ def test_accumulated_grads_are_reduced_once_at_the_boundary_after_the_callback(s
     engine = _engine(stage, bf16, accumulation)
     negated_loss = _engine(stage, bf16, accumulation)
     assert ds_internals.reduces_accumulated_grads_at_boundary(engine)
-    calls, micro = [], None
+    calls = []
 
     def negate_gradients():
         params = list(engine.module.parameters())
-        calls.append((micro, [p.grad.clone() for p in params]))
+        calls.append((engine.micro_steps % accumulation, [p.grad.clone() for p in params]))
         for p in params:
             p.grad.neg_()
 
     ds_internals.run_before_boundary_reduction(engine, negate_gradients)
     for step in range(2):
-        for micro in range(accumulation):
-            engine.backward(loss_of(engine, micro_batch(step, micro, 0)))
-            negated_loss.backward(-loss_of(negated_loss, micro_batch(step, micro, 0)))
-            engine.step()
-            negated_loss.step()
+        _step_on_loss_and_negated_loss(engine, negated_loss, step, accumulation)
         assert [m for m, _ in calls] == [accumulation - 1] * (step + 1)
         if step == 0:  # the plain-autograd reference starts from the initial weights
             for seen, expected in zip(calls[0][1], _local_accumulated_grads(bf16, step, accumulation)):
@@ -201,11 +207,7 @@ def test_zero1_overlap_comm_reduces_what_a_boundary_tensor_hook_returns_for_the_
     for name, param in engine.module.named_parameters():
         param.register_hook(lambda grad, name=name, param=param: negate_whole_step(name, param, grad))
     for step in range(2):
-        for micro in range(accumulation):
-            engine.backward(loss_of(engine, micro_batch(step, micro, 0)))
-            negated_loss.backward(-loss_of(negated_loss, micro_batch(step, micro, 0)))
-            engine.step()
-            negated_loss.step()
+        _step_on_loss_and_negated_loss(engine, negated_loss, step, accumulation)
         if step == 0:
             names = [name for name, _ in engine.module.named_parameters()]
             for name, reference in zip(names, _local_accumulated_grads(False, step, accumulation)):
