@@ -243,9 +243,16 @@ class ScratchBuffers:
                                                         torch.empty(numel, device=device, dtype=dtype))
         return buffers
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in one of the buffers (and is therefore overwritten by the next rotation)."""
+        storage = tensor.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == storage for buffers in self._buffers.values() for b in buffers)
+
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for buffers in self._buffers.values() for b in buffers)
+
+
 _SHARED_HADAMARD: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
 

@@ -266,8 +266,9 @@ class RotatedFrame:
                     return grad
                 if param.grad is not None:
                     grad, param.grad = param.grad + grad, None
-            # A new tensor: autograd may adopt what a hook returns as p.grad, so it must not be a scratch buffer.
-            return self._rotated(name, grad).to(grad.dtype, copy=True)
+            rotated = self._rotated(name, grad)
+            # Autograd may adopt what a hook returns as p.grad: copied out of a scratch buffer, else returned as is.
+            return rotated.to(grad.dtype, copy=self.scratch.holds(rotated))
 
         return [param.register_hook(functools.partial(rotate_gradient, name, param))
                 for name, param in self.params.items()]

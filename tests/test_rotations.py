@@ -212,3 +212,5 @@ def test_scratch_buffers_are_kept_and_grown_on_the_cpu_only():
     assert [b.numel() for b in grown] == [30, 30] and scratch.nbytes == 2 * 30 * 4
     assert scratch.get(30, torch.device("meta"), torch.float32) is None  # accelerators: allocate as you go
     assert scratch.nbytes == 2 * 30 * 4
+    assert scratch.holds(grown[1][5:20].view(3, 5)) and not scratch.holds(first[0]) and not scratch.holds(
+        torch.zeros(30))
