@@ -15,6 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ds_orthoadam", "ds_orthoadam.*"]),
+    package_data={"ds_orthoadam": ["csrc/*.cpp"]},  # the CPU rotation kernel, compiled on first use
     install_requires=[
         "torch>=2.13",
         "deepspeed==0.19.8",

@@ -7,6 +7,11 @@ temporaries are not counted for either). OrthoAdam does its moment
 math with torch's fused AdamW kernel, so AdamW(fused) is shown as a second reference. Each rotation kind is run with
 both long-axis transforms (the vocabulary axis Hadamard-rotated, the default, or left unrotated).
 
+On the CPU the rotations run in a compiled tiled kernel (ds_orthoadam/kron_cpu.py) when a C++ compiler is present.
+Each round also prints a lower bound for any implementation of the same Q on this machine: AdamW(fused)'s measured
+time plus, per rotation (two per step), the dense Kronecker blocks' multiply-adds at the FMA rate of a large GEMM
+and one read+write pass over all parameters (both measured here; butterflies and further passes are left out).
+
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
                                                              [--long-axes hadamard identity] [--model llama-60m]
 """
@@ -19,7 +24,7 @@ import time
 import torch
 
 from ds_orthoadam import MODEL_SPECS, OrthoAdam, build_model
-from ds_orthoadam.rotations import LONG_AXIS_TRANSFORMS
+from ds_orthoadam.rotations import LONG_AXIS_TRANSFORMS, make_rotation
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
@@ -39,6 +44,37 @@ def interleaved_median_seconds(optimizers: dict[str, torch.optim.Optimizer], ste
             optimizer.step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def dense_multiply_adds(model: torch.nn.Module, kind: str, long_axis: str) -> int:
+    """Multiply-adds of one rotation of every parameter from its dense (non-Hadamard) Kronecker blocks: a block of
+    size f costs f per element."""
+    total = 0
+    for name, p in model.named_parameters():
+        rotation = make_rotation(p.shape, kind, 0, name, long_axis=long_axis)
+        for axis in rotation.axes:
+            total += p.numel() * sum(f.shape[0] for f in axis.factors if id(f) not in axis.shared_factor_ids)
+    return total
+
+
+def multiply_adds_per_second() -> float:
+    """This machine's fp32 multiply-add rate, from a large GEMM (BLAS runs it near the cores' peak)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.mm(a, b)
+    return 3 * 1024**3 / (time.perf_counter() - start)
+
+
+def copy_seconds(model: torch.nn.Module) -> float:
+    """One read+write pass over all parameters."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    out = torch.empty_like(flat)
+    out.copy_(flat)
+    start = time.perf_counter()
+    out.copy_(flat)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -70,7 +106,11 @@ def main() -> None:
                 "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True),
                 f"OrthoAdam {kind}, long axis {long_axis}": OrthoAdam(model.named_parameters(), lr=0.0,
                                                                        rotation=kind, long_axis=long_axis)}
-            report(optimizers, interleaved_median_seconds(optimizers, args.steps))
+            seconds = interleaved_median_seconds(optimizers, args.steps)
+            report(optimizers, seconds)
+            floor = seconds["AdamW(fused)"] + 2 * (dense_multiply_adds(model, kind, long_axis) / multiply_adds_per_second()
+                                                   + copy_seconds(model))
+            print(f"lower bound for this Q here: {floor / seconds['AdamW(foreach)']:.2f}x AdamW(foreach)\n")
             del optimizers
 
 
@@ -84,7 +124,6 @@ def report(optimizers: dict[str, torch.optim.Optimizer], seconds: dict[str, floa
         print(f"{name:38s} {seconds[name] * 1e3:8.1f} ms/step {seconds[name] / baseline_seconds:6.2f}x AdamW   "
               f"extra memory {extra / 2**20:6.1f} MiB = {100 * extra / baseline_state:4.1f}% of AdamW's state "
               f"(rotations {rotation_bytes / 2**20:.1f} MiB, scratch {workspace_bytes / 2**20:.1f} MiB)")
-    print()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ds_orthoadam import kron_cpu
+
 ROTATION_KINDS = ("dense", "hadamard")
 LONG_AXIS_TRANSFORMS = ("hadamard", "identity")
 DEFAULT_LONG_AXIS = "hadamard"
@@ -276,6 +278,41 @@ class Rotation:
     def __init__(self, shape: torch.Size, axes: list[_Axis]):
         self.shape = torch.Size(shape)
         self.axes = axes  # the axes of length > 1 of matrix_view(shape), in order (identity axes included)
+        self._cpu_plans: dict[tuple[bool, torch.dtype], kron_cpu.KronPlan | None] = {}
+
+    def _cpu_plan(self, x: torch.Tensor, transpose: bool) -> kron_cpu.KronPlan | None:
+        """The compiled CPU kernel's plan for ``x`` (see :mod:`ds_orthoadam.kron_cpu`), or None where it does not
+        apply: other devices or dtypes, window axes, dense factors wider than ``kron_cpu.MAX_FACTOR``, no compiler."""
+        if x.device.type != "cpu" or not kron_cpu.supports(x.dtype) or not self.axes:
+            return None
+        key = (transpose, x.dtype)
+        if key not in self._cpu_plans:
+            usable = all(a.windows is None and all(f.shape[0] <= kron_cpu.MAX_FACTOR for f in a.factors)
+                         for a in self.axes)
+            digits = [self._axis_digits(a, transpose, x.dtype) for a in self.axes]
+            self._cpu_plans[key] = (kron_cpu.KronPlan(digits[0] if len(digits) == 2 else None, digits[-1],
+                                                      signs_last=transpose, dtype=x.dtype)
+                                    if usable and kron_cpu.library() is not None else None)
+        return self._cpu_plans[key]
+
+    @staticmethod
+    def _axis_digits(axis: _Axis, transpose: bool, dtype: torch.dtype) -> kron_cpu.AxisDigits:
+        def cpu(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device="cpu", dtype=dtype).contiguous()
+
+        if not axis.factors:
+            return kron_cpu.AxisDigits((axis.size,), (kron_cpu.IDENTITY,), (None,), None)
+        hadamard = [id(f) in axis.shared_factor_ids for f in axis.factors]
+        return kron_cpu.AxisDigits(
+            sizes=tuple(f.shape[0] for f in axis.factors),
+            kinds=tuple(kron_cpu.HADAMARD if h else kron_cpu.DENSE for h in hadamard),
+            factors=tuple(None if h else cpu(f.T if transpose else f) for f, h in zip(axis.factors, hadamard)),
+            signs=None if axis.signs is None else cpu(axis.signs))
+
+    def _apply_cpu_plan(self, plan: kron_cpu.KronPlan, x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+        source = x.contiguous()
+        out = self.free_buffer(source, workspace)
+        return plan(source, torch.empty_like(source) if out is None else out).view(self.shape)
 
     def _kronecker(self, y: torch.Tensor, transpose: bool, workspace: Workspace | None) -> torch.Tensor:
         """Apply kron(all factors) (or its transpose, kron of the transposed factors) by cycling index digits.
@@ -341,6 +378,9 @@ class Rotation:
         valid until the workspace is reused; x may itself live in a workspace buffer.
         """
         self._check(x)
+        plan = self._cpu_plan(x, transpose=False)
+        if plan is not None:
+            return self._apply_cpu_plan(plan, x, workspace)
         y = self._windows(self._signs(x, self.free_buffer(x, workspace)), transpose=False)
         y = self._kronecker(y, transpose=False, workspace=workspace)
         return y.reshape(self.shape) if y.data_ptr() != x.data_ptr() else x.clone()
@@ -348,6 +388,9 @@ class Rotation:
     def unrotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """``Q^T x``, the inverse of :meth:`rotate` (same contract for ``workspace``)."""
         self._check(x)
+        plan = self._cpu_plan(x, transpose=True)
+        if plan is not None:
+            return self._apply_cpu_plan(plan, x, workspace)
         y = self._windows(self._kronecker(x, transpose=True, workspace=workspace), transpose=True)
         # Signs in place on an intermediate result; into a free buffer (or a new tensor) if y is still x.
         y = self._signs(y, y if y.data_ptr() != x.data_ptr() else self.free_buffer(x, workspace))

@@ -1,0 +1,125 @@
+"""The compiled CPU rotation kernel: same Q as the GEMM path and as torch.kron, used where it applies, optional."""
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ds_orthoadam import kron_cpu
+from ds_orthoadam.rotations import ScratchBuffers, make_rotation
+
+pytestmark = pytest.mark.skipif(kron_cpu.library() is None, reason="no C++ compiler: the CPU kernel cannot be built")
+
+# Shapes that reach every kernel path: in-vector butterflies (512 = 8*8*8), rows shorter than a vector (1376 = 43*8*4),
+# out-axis tiles with a narrow remainder (inner length not a multiple of the tile width), vectors, odd parts, a
+# vocabulary-like long axis (32000 = 25*5*16*16), a single column, and sizes too small for one SIMD vector.
+SHAPES = [(512,), (96, 512), (1376, 64), (64, 1376), (250, 40), (7, 24), (3, 5, 8), (48, 1), (1, 48), (32000, 8),
+          (2, 3)]
+
+
+def gemm_path(rotation):
+    """Disable the kernel for this rotation object: rotate/unrotate fall back to the GEMM path."""
+    for transpose in (False, True):
+        for dtype in (torch.float32, torch.float64):
+            rotation._cpu_plans[(transpose, dtype)] = None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("long_axis", ["hadamard", "identity"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_the_gemm_path(shape, long_axis, dtype, atol, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rotation = make_rotation(shape, "hadamard", seed=3, key="w", max_dense_dim=1000, dtype=dtype,
+                                 long_axis=long_axis)
+        x = torch.randn(shape, dtype=dtype)
+        workspace = ScratchBuffers().get(x.numel(), x.device, dtype)
+        fast = [rotation.rotate(x), rotation.unrotate(x), rotation.rotate(x, workspace).clone(),
+                rotation.unrotate(x, workspace).clone()]
+        assert rotation._cpu_plans[(False, dtype)] is not None and rotation._cpu_plans[(True, dtype)] is not None
+        gemm_path(rotation)
+        reference = [rotation.rotate(x), rotation.unrotate(x)] * 2
+    finally:
+        torch.set_num_threads(previous)
+    for got, expected in zip(fast, reference):
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+
+
+def kron_reference(rotation) -> torch.Tensor:
+    """Q = kron(all factors) @ diag(kron(all signs)), built independently of either application path."""
+    factors = [f for axis in rotation.axes for f in (axis.factors or [torch.eye(axis.size, dtype=torch.float64)])]
+    signs = [axis.signs if axis.signs is not None else torch.ones(axis.size, dtype=torch.float64)
+             for axis in rotation.axes]
+    return functools.reduce(torch.kron, factors) @ torch.diag(functools.reduce(torch.kron, signs))
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "dense"])
+@pytest.mark.parametrize("shape", [(40, 24), (20, 48), (33, 64), (64,), (6, 5, 4)])
+def test_kernel_applies_the_kronecker_product_of_the_factors(shape, kind):
+    rotation = make_rotation(shape, kind, seed=1, key="k", dtype=torch.float64)
+    q = kron_reference(rotation)
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(rotation.rotate(x).reshape(-1), q @ x.reshape(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotation.unrotate(x).reshape(-1), q.T @ x.reshape(-1), rtol=0, atol=1e-12)
+    assert rotation._cpu_plans[(False, torch.float64)] is not None
+
+
+@pytest.mark.parametrize("shape,kind,reason", [
+    ((512, 64), "dense", "a 512-wide dense factor is left to BLAS"),
+    ((263,), "hadamard", "a prime length uses overlapping windows"),
+])
+def test_kernel_is_not_used_where_it_does_not_apply(shape, kind, reason):
+    rotation = make_rotation(shape, kind, key="w")
+    rotation.rotate(torch.randn(shape))
+    assert rotation._cpu_plans[(False, torch.float32)] is None, reason
+    bf16 = torch.randn(shape, dtype=torch.bfloat16)
+    assert rotation._cpu_plan(bf16, transpose=False) is None
+
+
+def test_plan_rejects_tensors_that_do_not_fit():
+    rotation = make_rotation((8, 16), "hadamard", key="w")
+    plan = rotation._cpu_plan(torch.randn(8, 16), transpose=False)
+    with pytest.raises(ValueError, match="KronPlan for 8x16"):
+        plan(torch.randn(8, 16), torch.empty(8, 15))
+    with pytest.raises(ValueError, match="contiguous"):
+        plan(torch.randn(16, 8).T, torch.empty(8, 16))
+
+
+def test_a_failed_build_warns_once_and_rotations_use_the_gemm_path(monkeypatch):
+    def no_compiler():
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(kron_cpu, "_library", None)
+    monkeypatch.setattr(kron_cpu, "_unavailable", False)
+    monkeypatch.setattr(kron_cpu, "_build", no_compiler)
+    rotation = make_rotation((16, 24), "hadamard", key="w", dtype=torch.float64)
+    x = torch.randn(16, 24, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="c\\+\\+: command not found.*GEMM path"):
+        rotated = rotation.rotate(x)
+    assert rotation._cpu_plans[(False, torch.float64)] is None
+    torch.testing.assert_close(rotated.reshape(-1), kron_reference(rotation) @ x.reshape(-1), rtol=0, atol=1e-12)
+    assert kron_cpu.library() is None  # not retried
+
+
+def test_the_environment_variable_turns_the_kernel_off():
+    code = ("import torch; from ds_orthoadam import kron_cpu; from ds_orthoadam.rotations import make_rotation;"
+            "r = make_rotation((16, 24), 'hadamard', key='w'); r.rotate(torch.randn(16, 24));"
+            "print(kron_cpu.library() is None, r._cpu_plans[(False, torch.float32)] is None)")
+    env = {**os.environ, kron_cpu.DISABLE_ENV: "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "True True"
+
+
+def test_kernel_rotation_of_a_model_sized_parameter_is_orthogonal():
+    """A vocabulary-sized embedding in float64: norms are preserved and unrotate inverts rotate."""
+    x = torch.randn(32000, 64, dtype=torch.float64)
+    rotation = make_rotation(x.shape, "hadamard", key="embed", dtype=torch.float64)
+    y = rotation.rotate(x)
+    assert math.isclose(y.norm().item(), x.norm().item(), rel_tol=1e-12)
+    torch.testing.assert_close(rotation.unrotate(y), x, rtol=0, atol=1e-12)
