@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,21 @@ _library: ctypes.CDLL | None = None
 _unavailable = False
 
 
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip-installed one (a DeepSpeed dependency) sits in the venv's
+    bin folder, which is not on PATH when the venv's python is run directly (as ``make test`` does)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> ctypes.CDLL:
     from torch.utils import cpp_extension
+
+    _ninja_on_path()
 
     flags = ["-O3", "-std=c++17", "-fopenmp"]
     if os.uname().machine in ("x86_64", "AMD64"):

@@ -107,6 +107,15 @@ def test_a_failed_build_warns_once_and_rotations_use_the_gemm_path(monkeypatch):
     assert kron_cpu.library() is None  # not retried
 
 
+def test_the_pip_installed_ninja_is_put_on_path_when_none_is_there(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(kron_cpu.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    kron_cpu._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert os.path.exists(os.path.join(ninja.BIN_DIR, "ninja"))
+
+
 def test_the_environment_variable_turns_the_kernel_off():
     code = ("import torch; from ds_orthoadam import kron_cpu; from ds_orthoadam.rotations import make_rotation;"
             "r = make_rotation((16, 24), 'hadamard', key='w'); r.rotate(torch.randn(16, 24));"
