@@ -45,18 +45,32 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _has_avx2_fma() -> bool:
+    """Whether this is an x86 CPU with AVX2 and FMA (every x86 server CPU since 2013). Elsewhere the kernel is built
+    as portable code, never with -march=native: a build cache can be shared between machines."""
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return {"avx2", "fma"} <= set(flags)
+
+
 def _build() -> ctypes.CDLL:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
 
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
-    if os.uname().machine in ("x86_64", "AMD64"):
-        # AVX2 + FMA (every x86 server CPU since 2013); the host's own -march would break a shared build cache.
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-psabi"]
+    name = "ds_orthoadam_kron_cpu"
+    if _has_avx2_fma():  # a separate build: the cache may be shared with machines without them
         flags += ["-mavx2", "-mfma"]
+        name += "_avx2"
     # OpenMP: torch's own libgomp is already loaded, so torch.set_num_threads sizes the kernel's thread pool too.
-    path = cpp_extension.load(name="ds_orthoadam_kron_cpu", sources=[str(SOURCE)], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    path = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              is_python_module=False, verbose=False)
     library = ctypes.CDLL(path)
     for dtype, symbol in _SYMBOLS.items():
         pointer = ctypes.POINTER(_C_TYPES[dtype])
