@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def _ninja_on_path() -> None:
 def _has_avx2_fma() -> bool:
     """Whether this is an x86 CPU with AVX2 and FMA (every x86 server CPU since 2013). Elsewhere the kernel is built
     as portable code, never with -march=native: a build cache can be shared between machines."""
-    if os.uname().machine not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()

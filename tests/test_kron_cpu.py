@@ -118,14 +118,14 @@ def test_the_pip_installed_ninja_is_put_on_path_when_none_is_there(monkeypatch):
 
 def test_avx2_code_only_where_the_cpu_has_it(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(kron_cpu.os, "uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
+    monkeypatch.setattr(kron_cpu.platform, "machine", lambda: "x86_64")
     real_path = kron_cpu.Path
     monkeypatch.setattr(kron_cpu, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2\n")
     assert kron_cpu._has_avx2_fma()
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 sse4_2 avx\n")
     assert not kron_cpu._has_avx2_fma()
-    monkeypatch.setattr(kron_cpu.os, "uname", lambda: os.uname_result(("Linux", "h", "6", "1", "aarch64")))
+    monkeypatch.setattr(kron_cpu.platform, "machine", lambda: "aarch64")
     assert not kron_cpu._has_avx2_fma()
 
 
