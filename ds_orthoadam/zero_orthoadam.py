@@ -34,9 +34,9 @@ Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It
 an extra copy of the weights during forward/backward, renames every weight in the state dict and breaks tied
 embeddings. The rotated frame costs one gradient rotation (per optimiser step at ZeRO 0/1, per micro-batch at
 ZeRO-2) plus one parameter rotation per optimiser step, and keeps the module untouched. Measured
-by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +5.0%
-per step at ZeRO 0/1 for every k; at ZeRO-2 +5.0%, +12.4%, +42.3% for k = 1, 4, 16; the
-re-parametrisation +5.0%, +19.8%, +79.4% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
+by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +4.7%
+per step at ZeRO 0/1 for every k; at ZeRO-2 +4.7%, +11.8%, +40.4% for k = 1, 4, 16; the
+re-parametrisation +4.7%, +18.8%, +75.2% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
 per step single-process OrthoAdam does anyway, whatever k.
 
 Everything that relies on DeepSpeed behaviour beyond its public API is in :mod:`ds_orthoadam.ds_internals`.
