@@ -27,11 +27,13 @@ from torch.optim.adamw import adamw
 from ds_orthoadam.rotations import (
     DEFAULT_LONG_AXIS,
     DEFAULT_MAX_DENSE_DIM,
-    LONG_AXIS_TRANSFORMS,
-    ROTATION_KINDS,
     ROTATION_VERSION,
+    LongAxisError,
     Rotation,
+    RotationKindError,
     ScratchBuffers,
+    check_kind,
+    check_long_axis,
     make_rotation,
 )
 
@@ -62,17 +64,15 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise OrthoAdamConfigError(f"invalid eps={eps!r}: use a float >= 0, e.g. 1e-8")
     if not weight_decay >= 0.0:
         raise OrthoAdamConfigError(f"invalid weight_decay={weight_decay!r}: use a float >= 0")
-    if group["rotation"] not in ROTATION_KINDS:
-        raise OrthoAdamConfigError(
-            f"unknown rotation kind {group['rotation']!r}: choose one of {', '.join(ROTATION_KINDS)}"
-        )
+    try:
+        check_kind(group["rotation"])
+        check_long_axis(group["long_axis"])
+    except (RotationKindError, LongAxisError) as error:
+        raise OrthoAdamConfigError(str(error)) from error
     if not isinstance(group["seed"], int):
         raise OrthoAdamConfigError(f"invalid seed={group['seed']!r}: use an int")
     if not isinstance(group["max_dense_dim"], int) or group["max_dense_dim"] < 1:
         raise OrthoAdamConfigError(f"invalid max_dense_dim={group['max_dense_dim']!r}: use an int >= 1")
-    if group["long_axis"] not in LONG_AXIS_TRANSFORMS:
-        raise OrthoAdamConfigError(
-            f"unknown long_axis {group['long_axis']!r}: choose one of {', '.join(LONG_AXIS_TRANSFORMS)}")
 
 
 def _state_dtype(parameter: torch.Tensor) -> torch.dtype:

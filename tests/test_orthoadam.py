@@ -189,7 +189,7 @@ def test_loading_a_state_dict_from_another_rotation_scheme_fails_clearly():
     ({"rotation": "signed_permutation"}, "unknown rotation kind 'signed_permutation': choose one of dense, hadamard"),
     ({"max_dense_dim": 0}, "invalid max_dense_dim=0"),
     ({"seed": 1.5}, "invalid seed=1.5"),
-    ({"long_axis": "none"}, "unknown long_axis 'none': choose one of hadamard, identity"),
+    ({"long_axis": "none"}, "unknown long_axis transform 'none': choose one of hadamard, identity"),
 ])
 def test_bad_hyper_parameters_fail_clearly(kwargs, message):
     with pytest.raises(OrthoAdamConfigError, match=message):
