@@ -53,7 +53,7 @@ def dense_multiply_adds(model: torch.nn.Module, kind: str, long_axis: str) -> in
     for name, p in model.named_parameters():
         rotation = make_rotation(p.shape, kind, 0, name, long_axis=long_axis)
         for axis in rotation.axes:
-            total += p.numel() * sum(f.shape[0] for f in axis.factors if id(f) not in axis.shared_factor_ids)
+            total += p.numel() * sum(f.shape[0] for f in axis.factors if not axis.is_hadamard(f))
     return total
 
 

@@ -14,6 +14,7 @@ use the GEMM path. ``DS_ORTHOADAM_CPU_KERNEL=0`` turns the fast path off.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import shutil
@@ -113,10 +114,7 @@ class AxisDigits:
 
     @property
     def length(self) -> int:
-        length = 1
-        for size in self.sizes:
-            length *= size
-        return length
+        return math.prod(self.sizes)
 
 
 class KronPlan:

@@ -33,7 +33,8 @@ or 8192 wide), or those axes go unrotated too. A parameter whose every axis is l
 All Kronecker factors of a parameter are applied with one GEMM each by cycling through the "digits" of the
 flattened index: ``x <- F @ x.view(-1, f).T`` transforms the last digit with F and moves it to the front, so after
 all factors the original order is restored (no transposes or window copies needed); ``unrotate`` does the same with
-the transposed factors.
+the transposed factors. On the CPU, rotations without windows or wide dense blocks run instead in a compiled kernel
+that computes the same Q in cache-sized tiles (:mod:`ds_orthoadam.kron_cpu`).
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
 ``(seed, key, shape, kind, max_dense_dim, long_axis)``. Random numbers come from a CPU ``torch.Generator``
@@ -214,9 +215,13 @@ class _Axis:
     windows: _Windows | None = None
     shared_factor_ids: set[int] = field(default_factory=set)  # Hadamard blocks: not owned, not counted
 
+    def is_hadamard(self, factor: torch.Tensor) -> bool:
+        """Whether ``factor`` is one of the shared Sylvester-Hadamard blocks (else a Haar block this axis owns)."""
+        return id(factor) in self.shared_factor_ids
+
     @property
     def nbytes(self) -> int:
-        owned = [f for f in self.factors if id(f) not in self.shared_factor_ids]
+        owned = [f for f in self.factors if not self.is_hadamard(f)]
         owned += [self.signs] if self.signs is not None else []
         return sum(t.numel() * t.element_size() for t in owned) + (self.windows.nbytes if self.windows else 0)
 
@@ -289,10 +294,12 @@ class Rotation:
         if key not in self._cpu_plans:
             usable = all(a.windows is None and all(f.shape[0] <= kron_cpu.MAX_FACTOR for f in a.factors)
                          for a in self.axes)
-            digits = [self._axis_digits(a, transpose, x.dtype) for a in self.axes]
-            self._cpu_plans[key] = (kron_cpu.KronPlan(digits[0] if len(digits) == 2 else None, digits[-1],
-                                                      signs_last=transpose, dtype=x.dtype)
-                                    if usable and kron_cpu.library() is not None else None)
+            plan = None
+            if usable and kron_cpu.library() is not None:
+                digits = [self._axis_digits(a, transpose, x.dtype) for a in self.axes]
+                plan = kron_cpu.KronPlan(digits[0] if len(digits) == 2 else None, digits[-1], signs_last=transpose,
+                                         dtype=x.dtype)
+            self._cpu_plans[key] = plan
         return self._cpu_plans[key]
 
     @staticmethod
@@ -302,7 +309,7 @@ class Rotation:
 
         if not axis.factors:
             return kron_cpu.AxisDigits((axis.size,), (kron_cpu.IDENTITY,), (None,), None)
-        hadamard = [id(f) in axis.shared_factor_ids for f in axis.factors]
+        hadamard = [axis.is_hadamard(f) for f in axis.factors]
         return kron_cpu.AxisDigits(
             sizes=tuple(f.shape[0] for f in axis.factors),
             kinds=tuple(kron_cpu.HADAMARD if h else kron_cpu.DENSE for h in hadamard),

@@ -251,16 +251,17 @@ void scaled_copy(const T* __restrict src, T* __restrict dst, int64_t n, T scale,
 }
 
 // One pass over a group of out digits: x viewed as [A][D][inner_len], tiles of D x width columns (width padded to
-// whole vectors in the buffer; padding lanes start at zero and never mix with real ones). src == dst is allowed.
-// Tiles are independent: OpenMP threads (torch's own pool size) take them in turns.
+// whole vectors in the buffer; the padding lanes are computed on but never mix with real ones, nor are they
+// written out). src == dst is allowed. Tiles are independent: OpenMP threads (torch's own pool size) take them in
+// turns.
 template <typename T>
-void out_pass(const T* src, T* dst, const std::vector<Digit<T>>& group, int64_t total, int64_t inner_len,
-              int64_t buffer_size) {
+void out_pass(const T* src, T* dst, const std::vector<Digit<T>>& group, int64_t total, int64_t inner_len) {
   constexpr int64_t L = Simd<T>::kLanes;
   const int64_t group_size = digits_product(group);
   const int64_t outer = total / (group_size * inner_len);
   const int64_t width = std::min<int64_t>(inner_len, std::max<int64_t>(L, kTileElements / group_size));
   const int64_t strips = (inner_len + width - 1) / width;
+  const int64_t buffer_size = group_size * ((width + L - 1) / L * L);
 #pragma omp parallel if (total >= kParallelElements)
   {
     std::vector<T> buf(buffer_size, T(0)), spare(buffer_size, T(0));
@@ -280,13 +281,14 @@ void out_pass(const T* src, T* dst, const std::vector<Digit<T>>& group, int64_t 
 }
 
 // The in-axis pass, one row at a time (rows split between OpenMP threads); the signs of both axes are applied on the
-// way in (rotate) or out (transpose).
+// way in (rotate) or out (transpose). The row buffers have a vector of slack: a digit shorter than a vector loads
+// whole vectors (dense_short_digit).
 template <typename T>
 void in_pass(const T* src, T* dst, const std::vector<Digit<T>>& digits, int64_t rows, int64_t cols,
-             const T* out_signs, const T* in_signs, bool signs_last, int64_t buffer_size) {
+             const T* out_signs, const T* in_signs, bool signs_last) {
 #pragma omp parallel if (rows * cols >= kParallelElements)
   {
-    std::vector<T> buf(buffer_size, T(0)), spare(buffer_size, T(0));
+    std::vector<T> buf(cols + Simd<T>::kLanes, T(0)), spare(cols + Simd<T>::kLanes, T(0));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T row_sign = out_signs ? out_signs[r] : T(1);
@@ -337,21 +339,18 @@ void kron_apply(const T* src, T* dst, int64_t rows, int64_t cols, int32_t n_out,
     if (src != dst) std::memcpy(dst, src, sizeof(T) * total);
     return;
   }
-  int64_t buffer_size = cols + Simd<T>::kLanes;
-  for (const auto& g : out_groups) buffer_size = std::max(buffer_size, digits_product(g) * Simd<T>::kLanes);
-  buffer_size = std::max(buffer_size, kTileElements + kMaxOutGroup * Simd<T>::kLanes);
   const T* current = src;
   if (has_in_pass && !signs_last) {
-    in_pass(current, dst, in_digits, rows, cols, out_signs, in_signs, false, buffer_size);
+    in_pass(current, dst, in_digits, rows, cols, out_signs, in_signs, false);
     current = dst;
   }
   int64_t inner_len = cols;  // the last group's columns; each earlier group's are the later groups' times cols
   for (auto g = out_groups.rbegin(); g != out_groups.rend(); ++g) {
-    out_pass(current, dst, *g, total, inner_len, buffer_size);
+    out_pass(current, dst, *g, total, inner_len);
     current = dst;
     inner_len *= digits_product(*g);
   }
-  if (has_in_pass && signs_last) in_pass(current, dst, in_digits, rows, cols, out_signs, in_signs, true, buffer_size);
+  if (has_in_pass && signs_last) in_pass(current, dst, in_digits, rows, cols, out_signs, in_signs, true);
 }
 
 }  // namespace
