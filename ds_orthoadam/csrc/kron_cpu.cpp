@@ -25,6 +25,9 @@ enum Kind : int32_t { kIdentity = 0, kDense = 1, kHadamard = 2 };
 constexpr int64_t kTileElements = 32768;
 // Out-axis digits are grouped while their product stays at most this, so that tiles stay at least 64 columns wide.
 constexpr int64_t kMaxOutGroup = 512;
+// A Hadamard digit spanning more bytes than this runs stage by stage: its vectors would lie too far apart for the
+// one-pass version (measured slower on the out-axis tiles).
+constexpr int64_t kMaxFusedSpan = 4096;
 // Below this many elements a rotation runs on one thread (a parallel region costs more than it saves).
 constexpr int64_t kParallelElements = 1 << 16;
 
@@ -79,16 +82,14 @@ inline typename Simd<T>::V permute(typename Simd<T>::V x, Permutation p) {
   return p == kRepeat1 ? DSO_SHUFFLE(x, 0, 0, 0, 0) : DSO_SHUFFLE(x, 0, 1, 0, 1);
 }
 
-// The permutation of a power of two below the vector width: log2(n) steps along kSwap1.. or kRepeat1...
-inline Permutation nth(Permutation first, int64_t power_of_two) {
-  return static_cast<Permutation>(first + (power_of_two >= 4 ? 2 : power_of_two - 1));
-}
-
 template <typename T>
 struct Digit {
   int64_t size;
   int32_t kind;
   const T* factor;
+  // A dense digit whose rows are shorter than a vector (see dense_short_digit): its factor laid out as the vectors
+  // it is multiplied with, built once per call by prepare_short_digits.
+  std::vector<T> short_weights = {};
 };
 
 template <typename T>
@@ -127,33 +128,66 @@ void dense_columns(const T* src, T* dst, const T* factor, int64_t f, int64_t inn
   for (; i0 < f; ++i0) dense_tile<T, TV, 1>(src, dst, factor, f, inner, t0, i0);
 }
 
-// A digit whose rows are shorter than a vector (inner < kLanes, e.g. the 8-wide Haar block of 1376 = 43 * 8 * 4
-// with inner 4): each vector holds kLanes / inner output rows i (lanes i * inner + t), the input row x[c] repeated.
-template <typename T>
-void dense_short_digit(const T* __restrict src, T* __restrict dst, const T* __restrict factor, int64_t f,
-                       int64_t inner) {
+// A digit whose rows are shorter than a vector (Inner < kLanes, e.g. the 8-wide Haar block of 1376 = 43 * 8 * 4
+// with inner 4): each vector holds kLanes / Inner output rows i (lanes i * Inner + t), multiplied with the input row
+// x[c] repeated; the vector at weights + (b * f + c) * kLanes holds F[i][c] on the lanes of output row i of vector b.
+template <typename T, int Inner>
+void dense_short_digit(const T* __restrict src, T* __restrict dst, const T* __restrict weights, int64_t f) {
   using S = Simd<T>;
-  const int64_t per_vector = S::kLanes / inner;
-  for (int64_t i0 = 0; i0 < f; i0 += per_vector) {
+  constexpr Permutation repeat = Inner == 1 ? kRepeat1 : Inner == 2 ? kRepeat2 : kRepeat4;
+  for (int64_t b = 0; b < f * Inner / S::kLanes; ++b) {
     typename S::V acc = {};
     for (int64_t c = 0; c < f; ++c) {
-      typename S::V w;
-      for (int64_t lane = 0; lane < S::kLanes; ++lane) w[lane] = factor[(i0 + lane / inner) * f + c];
-      acc += w * permute<T>(S::load(src + c * inner), nth(kRepeat1, inner));
+      acc += S::load(weights + (b * f + c) * S::kLanes) * permute<T>(S::load(src + c * Inner), repeat);
     }
-    S::store(dst + i0 * inner, acc);
+    S::store(dst + b * S::kLanes, acc);
+  }
+}
+
+template <typename T>
+bool is_short(const Digit<T>& d, int64_t inner) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  return d.kind == kDense && inner < L && L % inner == 0 && d.size % (L / inner) == 0;
+}
+
+// Lays out the factors of the short dense digits among `digits` (applied to [...][width] buffers) for
+// dense_short_digit.
+template <typename T>
+void prepare_short_digits(std::vector<Digit<T>>& digits, int64_t width) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  int64_t inner = width;
+  for (auto d = digits.rbegin(); d != digits.rend(); inner *= (d++)->size) {
+    if (!is_short(*d, inner)) continue;
+    const int64_t f = d->size;
+    d->short_weights.resize(f * inner / L * f * L);
+    for (int64_t b = 0; b < f * inner / L; ++b) {
+      for (int64_t c = 0; c < f; ++c) {
+        for (int64_t lane = 0; lane < L; ++lane) {
+          d->short_weights[(b * f + c) * L + lane] = d->factor[(b * L + lane) / inner * f + c];
+        }
+      }
+    }
   }
 }
 
 // dst = F src along the middle axis of an [outer][f][inner] buffer.
 template <typename T>
-void dense_digit(const T* src, T* dst, const T* factor, int64_t outer, int64_t f, int64_t inner) {
+void dense_digit(const T* src, T* dst, const Digit<T>& digit, int64_t outer, int64_t inner) {
   constexpr int64_t L = Simd<T>::kLanes;
+  const T* factor = digit.factor;
+  const int64_t f = digit.size;
   for (int64_t o = 0; o < outer; ++o) {
     const T* s = src + o * f * inner;
     T* d = dst + o * f * inner;
-    if (inner < L && L % inner == 0 && f % (L / inner) == 0) {
-      dense_short_digit(s, d, factor, f, inner);
+    if (!digit.short_weights.empty()) {
+      const auto* w = digit.short_weights.data();
+      if (inner == 1) {
+        dense_short_digit<T, 1>(s, d, w, f);
+      } else if (inner == 2) {
+        dense_short_digit<T, 2>(s, d, w, f);
+      } else if constexpr (L > 4) {  // inner 4, below the vector only with 8 lanes
+        dense_short_digit<T, 4>(s, d, w, f);
+      }
       continue;
     }
     if (inner % L != 0) {  // an awkward shape: scalar
@@ -173,43 +207,107 @@ void dense_digit(const T* src, T* dst, const T* factor, int64_t outer, int64_t f
   }
 }
 
-// Unnormalised Sylvester-Hadamard butterflies along the middle axis of an [outer][f][inner] buffer, in place: the
-// stage of distance d pairs element p with p + d inside every block of 2d.
+// Butterfly stages of distances D, 2D, ... (Stages of them, all below the vector width) inside one vector:
+// x <- sign * x + partner, sign = -1 on the lanes whose partner comes first. Distances are compile-time constants
+// so that every shuffle is a single instruction.
+template <typename T, int D, int Stages>
+inline typename Simd<T>::V lane_butterflies(typename Simd<T>::V x) {
+  if constexpr (Stages > 0 && D < Simd<T>::kLanes) {
+    typename Simd<T>::V sign;
+    for (int64_t lane = 0; lane < Simd<T>::kLanes; ++lane) sign[lane] = (lane & D) ? T(-1) : T(1);
+    constexpr Permutation swap = D == 1 ? kSwap1 : D == 2 ? kSwap2 : kSwap4;
+    return lane_butterflies<T, 2 * D, Stages - 1>(sign * x + permute<T>(x, swap));
+  } else {
+    return x;
+  }
+}
+
+// One pass of a whole Hadamard digit with the block in registers: `groups` groups of F vectors, `stride` elements
+// apart (each group spans F * stride elements, stride / kLanes vector columns). Every vector first gets the stages
+// inside it (distances D.., Stages of them), then the F vectors get the stages between them.
+template <typename T, int F, int D, int Stages>
+void hadamard_pass(T* buf, int64_t groups, int64_t stride) {
+  using S = Simd<T>;
+  for (int64_t g = 0; g < groups; ++g) {
+    T* block = buf + g * F * stride;
+    for (int64_t t = 0; t < stride; t += S::kLanes) {
+      typename S::V x[F];
+      for (int j = 0; j < F; ++j) x[j] = lane_butterflies<T, D, Stages>(S::load(block + j * stride + t));
+      for (int h = 1; h < F; h <<= 1) {
+        for (int i = 0; i < F; i += 2 * h) {
+          for (int j = i; j < i + h; ++j) {
+            const typename S::V a = x[j], b = x[j + h];
+            x[j] = a + b;
+            x[j + h] = a - b;
+          }
+        }
+      }
+      for (int j = 0; j < F; ++j) S::store(block + j * stride + t, x[j]);
+    }
+  }
+}
+
+// The lane-stage variants of hadamard_pass for F vectors; false if (distance, stages) has none.
+template <typename T, int F>
+bool hadamard_pass_lanes(T* buf, int64_t groups, int64_t stride, int64_t distance, int stages) {
+  switch (stages == 0 ? 0 : distance * 4 + stages) {
+    case 0: hadamard_pass<T, F, 1, 0>(buf, groups, stride); return true;
+    case 5: hadamard_pass<T, F, 1, 1>(buf, groups, stride); return true;
+    case 6: hadamard_pass<T, F, 1, 2>(buf, groups, stride); return true;
+    case 7: hadamard_pass<T, F, 1, 3>(buf, groups, stride); return true;
+    case 9: hadamard_pass<T, F, 2, 1>(buf, groups, stride); return true;
+    case 10: hadamard_pass<T, F, 2, 2>(buf, groups, stride); return true;
+    case 17: hadamard_pass<T, F, 4, 1>(buf, groups, stride); return true;
+    default: return false;
+  }
+}
+
+// Unnormalised Sylvester-Hadamard transform of size f along the middle axis of an [outer][f][inner] buffer, in
+// place. Digits are powers of two up to 16 and inner is a multiple of the vector width or a power of two below it
+// (then the block's stages below a vector run inside the vectors): one pass, the block in registers. Anything else
+// takes the scalar stage-by-stage loop.
 template <typename T>
 void hadamard_digit(T* buf, int64_t outer, int64_t f, int64_t inner) {
   using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
   const int64_t total = outer * f * inner;
-  int64_t d = inner;
-  if (d < S::kLanes && total % S::kLanes == 0) {  // the stages inside a vector, in registers: x <- sign * x + partner
-    const int64_t end = std::min<int64_t>(f * inner, S::kLanes);
-    typename S::V signs[3];  // one per stage: -1 on the lanes whose partner comes first
-    int64_t n_stages = 0;
-    for (int64_t stage = d; stage < end; stage <<= 1, ++n_stages) {
-      for (int64_t lane = 0; lane < S::kLanes; ++lane) signs[n_stages][lane] = (lane & stage) ? T(-1) : T(1);
-    }
-    for (int64_t t = 0; t < total; t += S::kLanes) {
-      typename S::V x = S::load(buf + t);
-      for (int64_t k = 0, stage = d; k < n_stages; ++k, stage <<= 1) x = signs[k] * x + permute<T>(x, nth(kSwap1, stage));
-      S::store(buf + t, x);
-    }
-    d = end;
-  }
-  for (; d < f * inner; d <<= 1) {
-    for (int64_t base = 0; base < total; base += 2 * d) {
-      T* __restrict x = buf + base;
-      T* __restrict y = buf + base + d;
-      if (d % S::kLanes == 0) {
-        for (int64_t t = 0; t < d; t += S::kLanes) {
+  if (inner % L == 0 && f * inner * static_cast<int64_t>(sizeof(T)) > kMaxFusedSpan) {  // stage by stage
+    for (int64_t d = inner; d < f * inner; d <<= 1) {
+      for (int64_t base = 0; base < total; base += 2 * d) {
+        T* __restrict x = buf + base;
+        T* __restrict y = buf + base + d;
+        for (int64_t t = 0; t < d; t += L) {
           const typename S::V a = S::load(x + t), b = S::load(y + t);
           S::store(x + t, a + b);
           S::store(y + t, a - b);
         }
-      } else {
-        for (int64_t t = 0; t < d; ++t) {
-          const T a = x[t], b = y[t];
-          x[t] = a + b;
-          y[t] = a - b;
-        }
+      }
+    }
+    return;
+  }
+  if (inner % L == 0 || (L % inner == 0 && total % L == 0)) {
+    int stages = 0;  // the stages below a vector
+    while (inner < L && (inner << stages) < std::min(f * inner, L)) ++stages;
+    const int64_t vectors = inner < L ? std::max<int64_t>(1, f * inner / L) : f;
+    const int64_t stride = inner < L ? L : inner;
+    const int64_t groups = total / (vectors * stride);
+    bool done = false;
+    switch (vectors) {
+      case 1: done = hadamard_pass_lanes<T, 1>(buf, groups, stride, inner, stages); break;
+      case 2: done = hadamard_pass_lanes<T, 2>(buf, groups, stride, inner, stages); break;
+      case 4: done = hadamard_pass_lanes<T, 4>(buf, groups, stride, inner, stages); break;
+      case 8: done = hadamard_pass_lanes<T, 8>(buf, groups, stride, inner, stages); break;
+      case 16: done = hadamard_pass_lanes<T, 16>(buf, groups, stride, inner, stages); break;
+      default: break;
+    }
+    if (done) return;
+  }
+  for (int64_t d = inner; d < f * inner; d <<= 1) {
+    for (int64_t base = 0; base < total; base += 2 * d) {
+      for (int64_t t = 0; t < d; ++t) {
+        const T a = buf[base + t], b = buf[base + d + t];
+        buf[base + t] = a + b;
+        buf[base + d + t] = a - b;
       }
     }
   }
@@ -224,7 +322,7 @@ T* apply_digits(const std::vector<Digit<T>>& digits, T* buf, T* spare, int64_t w
   for (const auto& d : digits) {
     const int64_t inner = total / (outer * d.size);
     if (d.kind == kDense) {
-      dense_digit(buf, spare, d.factor, outer, d.size, inner);
+      dense_digit(buf, spare, d, outer, inner);
       std::swap(buf, spare);
     } else if (d.kind == kHadamard) {
       hadamard_digit(buf, outer, d.size, inner);
@@ -332,7 +430,8 @@ void kron_apply(const T* src, T* dst, int64_t rows, int64_t cols, int32_t n_out,
                 const int64_t* in_sizes, const int32_t* in_kinds, const T* const* in_factors, const T* in_signs,
                 int32_t signs_last) {
   const auto out_groups = group_digits(make_digits(n_out, out_sizes, out_kinds, out_factors));
-  const auto in_digits = make_digits(n_in, in_sizes, in_kinds, in_factors);
+  auto in_digits = make_digits(n_in, in_sizes, in_kinds, in_factors);
+  prepare_short_digits(in_digits, 1);
   const bool has_in_pass = !in_digits.empty() || out_signs || in_signs;
   const int64_t total = rows * cols;
   if (out_groups.empty() && !has_in_pass) {
