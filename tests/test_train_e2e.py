@@ -54,15 +54,18 @@ def corpus(tmp_path_factory) -> dict[str, str]:
     return {"train": str(root / "train.txt"), "val": str(root / "val.txt"), "tokenizer": str(root / "tokenizer")}
 
 
-def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True):
-    """Run ds_orthoadam.train on 2 CPU ranks with the deepspeed launcher (in its own session, like a terminal)."""
+def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True, fp16_on_cpu: bool = False):
+    """Run ds_orthoadam.train on 2 CPU ranks with the deepspeed launcher (in its own session, like a terminal).
+
+    ``fp16_on_cpu``: let DeepSpeed take fp16 configs on the CPU (tests/fp16_on_cpu/sitecustomize.py)."""
     command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                "ds_orthoadam.train", "--model", "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"],
                "--tokenizer", corpus["tokenizer"], "--seq-len", str(SEQ_LEN), "--val-samples", "8",
                "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4",
                "--set", "scheduler.params.warmup_num_steps=2", "--set", f"scheduler.params.total_num_steps={STEPS}",
                "--set", "optimizer.params.lr=0.003", "--output-dir", str(output_dir), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    python_path = [str(REPO)] + ([str(REPO / "tests" / "fp16_on_cpu")] if fp16_on_cpu else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
@@ -230,3 +233,64 @@ def test_on_demand_export_of_an_older_checkpoint(reference_run, tmp_path, capsys
     assert any(not torch.equal(final[k], older[k]) for k in final)
     assert export.main(["--run-dir", str(reference_run), "--tag", "global_step2", "--out", str(tmp_path / "x")]) == 2
     assert "no complete checkpoint global_step2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------ fp16
+
+FP16_SCALE_POWER = 17  # one power too high for these gradients: with hysteresis 2, steps 1 and 2 overflow
+
+
+@pytest.fixture(scope="module")
+def fp16_run(corpus, tmp_path_factory) -> Path:
+    """The GPU configs' fp16 settings (ds_configs/llama-60m.json: dynamic loss scaling, hysteresis 2) with DeepSpeed's
+    own fp16 machinery on the CPU, starting at a loss scale that overflows."""
+    run_dir = tmp_path_factory.mktemp("fp16") / "fp16"
+    returncode, output = launch(corpus, run_dir, "--ds-config", str(REPO / "ds_configs" / "llama-60m.json"),
+                                "--set", f"fp16.initial_scale_power={FP16_SCALE_POWER}", "--optimizer", "orthoadam",
+                                "--train-steps", str(STEPS), "--checkpoint-every", "2", "--log-every", "1",
+                                "--eval-every", "3", "--outlier-every", "0", fp16_on_cpu=True)
+    assert returncode == 0, output
+    (run_dir.parent / "fp16.log").write_text(output)
+    return run_dir
+
+
+def test_fp16_overflow_steps_are_skipped_reported_and_training_goes_on(fp16_run):
+    scale = 2.0 ** FP16_SCALE_POWER
+    # Hysteresis 2: the first overflow keeps the scale, the second halves it, after which every step is applied.
+    assert metric_rows(fp16_run, "Train/skipped_steps") == [(1, 1.0), (2, 2.0)] + [(s, 2.0) for s in range(3, STEPS + 1)]
+    assert metric_rows(fp16_run, "Train/loss_scale") == [(1, scale)] + [(s, scale / 2) for s in range(2, STEPS + 1)]
+    validation = dict(metric_rows(fp16_run, "Val/loss"))
+    assert validation[STEPS] < validation[3] - 0.3
+    log = (fp16_run.parent / "fp16.log").read_text()
+    assert f"scale {scale:.0f} skipped 1" in log and f"scale {scale / 2:.0f} skipped 2" in log
+    assert {"Train/loss_scale", "Train/skipped_steps"} <= set(tensorboard_scalars(fp16_run).Tags()["scalars"])
+
+
+def test_fp16_resume_restores_the_loss_scaler_and_continues_identically(fp16_run, corpus, tmp_path):
+    resumed = tmp_path / fp16_run.name
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(fp16_run / "run.json", resumed / "run.json")
+    shutil.copytree(fp16_run / "checkpoints" / "global_step4", resumed / "checkpoints" / "global_step4")
+    returncode, output = launch(corpus, resumed, "--ds-config", str(REPO / "ds_configs" / "llama-60m.json"),
+                                "--set", f"fp16.initial_scale_power={FP16_SCALE_POWER}", "--optimizer", "orthoadam",
+                                "--train-steps", str(STEPS), "--resume", "auto", "--no-export", "--log-every", "1",
+                                "--outlier-every", "0", fp16_on_cpu=True)
+    assert returncode == 0, output
+    for tag in ("Train/loss", "Train/loss_scale", "Train/skipped_steps"):
+        assert metric_rows(resumed, tag) == metric_rows(fp16_run, tag)[4:], tag
+
+
+def test_fp16_export_holds_the_real_weights(fp16_run):
+    """The export un-rotates the fp32 master partitions. Second path to the same weights: the checkpoint's fp16
+    module, which the engine un-rotates from the fp16 copy of the master that DeepSpeed all-gathers, so it carries
+    two fp16 roundings: within 2 ulp of fp16 at each tensor's largest magnitude (a rotated frame would be off by the
+    weights' own size)."""
+    from safetensors.torch import load_file
+
+    exported = load_file(fp16_run / "hf" / "model.safetensors")
+    states = torch.load(fp16_run / "checkpoints" / f"global_step{STEPS}" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    assert states["model.embed_tokens.weight"].dtype == torch.float16
+    for name, weight in exported.items():
+        two_ulp = 2 * 2.0**-10 * weight.abs().max().item()
+        assert (weight - states[name].float()).abs().max().item() <= two_ulp, name

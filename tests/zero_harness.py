@@ -11,6 +11,7 @@ import socket
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
 import ds_orthoadam
 from ds_orthoadam import ds_internals
@@ -30,6 +31,9 @@ WEIGHT_DECAY = 0.1
 CLIP = 0.5
 ROTATION = "dense"
 SEED = 1234
+# fp16: a loss scale of 2^8 that only changes on overflow (halved at once), so that an injected overflow is the only
+# skipped step.
+FP16 = {"initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1}
 
 
 # Narrower and shallower than the zoo's "-tiny" models: on 2 shared cores the rotations of the test runs dominate.
@@ -54,7 +58,20 @@ def loss_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss
 
 
-def ds_config(stage: int, optimizer: str = "OrthoAdam", bf16: bool = False) -> dict:
+def run_fp16_on_cpu() -> None:
+    """Let DeepSpeed take fp16 configs on the CPU accelerator (in this process).
+
+    The CPU accelerator reports no fp16 support, so DeepSpeed refuses fp16 there. Its fp16 machinery -- the dynamic
+    loss scaler, the overflow check that skips a step, fp16 ZeRO partitions with fp32 masters, FP16_Optimizer at
+    stage 0 -- is device-independent torch code that runs on the CPU once the accelerator says yes. The tests run it
+    that way; only the GPU kernels differ.
+    """
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        type(accelerator).is_fp16_supported = lambda self: True
+
+
+def ds_config(stage: int, optimizer: str = "OrthoAdam", precision: str = "fp32") -> dict:
     params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}
     if optimizer == "OrthoAdam":
         params.update(rotation=ROTATION, seed=SEED)
@@ -66,7 +83,8 @@ def ds_config(stage: int, optimizer: str = "OrthoAdam", bf16: bool = False) -> d
         "gradient_clipping": CLIP,
         "optimizer": {"type": optimizer, "params": params},
         "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", **FP16},
         "steps_per_print": 10**9,
     }
 

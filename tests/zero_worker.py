@@ -1,12 +1,13 @@
 """2-rank worker for tests/test_zero_orthoadam.py (run with ``deepspeed --num_gpus 2 tests/zero_worker.py``).
 
 Runs several cases in one launch (DeepSpeed start-up dominates on CPU). A case is
-``family:stage:precision:optimizer[:option]`` with option ``save10`` (checkpoint at step 10, run on to 20),
-``resume10`` (load that checkpoint in this new process, run steps 10..19), ``overflow7`` (an inf loss on rank 0
-at step 7: DeepSpeed must skip the step), ``overlap`` (``zero_optimization.overlap_comm``) or ``accum32``
-(bf16 with ``data_types.grad_accum_dtype`` fp32: DeepSpeed's BF16_Optimizer). Rank 0 writes ``<out>/<case>.pt``
-with the final real weights and facts the test checks (skipped steps, memory, state around the skipped step,
-rotations applied per optimiser step).
+``family:stage:precision:optimizer[:option]``: precision fp32, bf16 or fp16 (DeepSpeed's fp16 machinery on the CPU,
+see :func:`zero_harness.run_fp16_on_cpu`), option ``save10`` (checkpoint at step 10, run on to 20), ``resume10``
+(load that checkpoint in this new process, run steps 10..19), ``overflow7`` (an inf loss on rank 0 at step 7:
+DeepSpeed must skip the step; with fp16 its dynamic loss scaler also halves the scale), ``overlap``
+(``zero_optimization.overlap_comm``) or ``accum32`` (bf16 with ``data_types.grad_accum_dtype`` fp32: DeepSpeed's
+BF16_Optimizer). Rank 0 writes ``<out>/<case>.pt`` with the final real weights and facts the test checks (skipped
+steps, loss scale per step, memory, state around the skipped step, rotations applied per optimiser step).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from deepspeed.utils import safe_get_full_optimizer_state
 
 import ds_orthoadam
 from ds_orthoadam import ds_internals
-from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, tiny_model
+from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, run_fp16_on_cpu, tiny_model
 
 
 def snapshot(engine) -> dict:
@@ -52,7 +53,7 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
     family, stage, precision, optimizer, *option = case.split(":")
     option, facts = (option[0] if option else ""), {}
     model = tiny_model(family)
-    config = ds_config(int(stage), optimizer, bf16=precision == "bf16")
+    config = ds_config(int(stage), optimizer, precision)
     if option == "overlap":
         config["zero_optimization"]["overlap_comm"] = True
     if option == "accum32":
@@ -90,6 +91,8 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
         if overflow:
             facts["after_skip"] = snapshot(engine)
             facts["step_applied_at_skip"] = engine.was_step_applied()
+        if engine.fp16_enabled():
+            facts.setdefault("loss_scale_per_step", []).append(float(engine.optimizer.loss_scale))
     facts["skipped_steps"] = engine.skipped_steps
     inner = ds_internals.inner_optimizer(engine)
     facts["moment_bytes_this_rank"] = sum(v.numel() * v.element_size() for s in inner.state.values()
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     ds_internals.skip_shm_comm_build()
+    run_fp16_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
     for case in args.cases:
         start = time.perf_counter()
