@@ -161,6 +161,19 @@ class Telemetry:
             keep_metrics_through(self.metrics_file, step)
         ds_internals.purge_tensorboard_from_step(self.engine, step + 1)
 
+    def logged(self, step: int, tag: str) -> bool:
+        """Whether ``metrics.jsonl`` already holds ``tag`` at ``step`` (rank 0; False elsewhere)."""
+        if not self.is_rank0 or not self.metrics_file.exists():
+            return False
+        for line in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step") == step and tag in row:
+                return True
+        return False
+
     def _write(self, step: int, scalars: dict[str, float]) -> None:
         self.engine.monitor.write_events([(tag, value, step) for tag, value in scalars.items()])  # rank 0 only
         if self.is_rank0:

@@ -316,10 +316,18 @@ class Trainer:
         return loss
 
     def finish(self) -> None:
-        """Final evaluation, outlier telemetry and (rank 0) Hugging Face export of the newest checkpoint."""
-        self.evaluate()
-        if self.args.outlier_every and self.step % self.args.outlier_every:  # else the loop just measured them
-            self.telemetry.outliers(self.step, self.engine.module, self.probe_ids)
+        """Final evaluation, outlier telemetry and (rank 0) Hugging Face export of the newest checkpoint.
+
+        Re-running a finished run (``--resume auto`` at the last step) only exports again: the final evaluation is
+        already in its logs (TensorBoard and metrics.jsonl keep step S on resume, so it would appear twice)."""
+        already_logged = agree([float(self.telemetry.logged(self.step, "Val/loss"))], self.device)[0] > 0
+        if already_logged:
+            self.telemetry.print(f"step {self.step:>6}/{self.total_steps} | the run was already complete: its final "
+                                 "evaluation is in the logs; exporting only")
+        else:
+            self.evaluate()
+            if self.args.outlier_every and self.step % self.args.outlier_every:  # else the loop just measured them
+                self.telemetry.outliers(self.step, self.engine.module, self.probe_ids)
         if not self.args.no_export and self.rank == 0:
             export_dir = Path(self.args.export_dir or self.output_dir / "hf")
             tag = self.checkpoints.latest_complete_tag()

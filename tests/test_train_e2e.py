@@ -153,6 +153,20 @@ def test_resume_continues_with_identical_losses_logged_once(reference_run, corpu
     assert [e.step for e in events.Scalars("Train/Samples/lr")] == [40, 48]
 
 
+def test_rerunning_a_finished_run_only_exports_again(reference_run, corpus, tmp_path):
+    rerun = tmp_path / reference_run.name
+    shutil.copytree(reference_run, rerun)
+    shutil.rmtree(rerun / "hf")
+    before = (rerun / "metrics.jsonl").read_text()
+    returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
+                                "--resume", "auto", "--outlier-every", "3")
+    assert returncode == 0, output
+    assert "the run was already complete" in output and f"exported global_step{STEPS}" in output
+    assert (rerun / "metrics.jsonl").read_text() == before
+    assert [e.step for e in tensorboard_scalars(rerun).Scalars("Val/loss")] == [3, STEPS]
+    assert (rerun / "hf" / "model.safetensors").exists()
+
+
 def test_tensorboard_event_files_hold_the_listed_tags(reference_run):
     events = tensorboard_scalars(reference_run)
     tags = set(events.Tags()["scalars"])
