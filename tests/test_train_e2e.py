@@ -271,7 +271,8 @@ def fp16_run(corpus, tmp_path_factory) -> Path:
 def test_fp16_overflow_steps_are_skipped_reported_and_training_goes_on(fp16_run):
     scale = 2.0 ** FP16_SCALE_POWER
     # Hysteresis 2: the first overflow keeps the scale, the second halves it, after which every step is applied.
-    assert metric_rows(fp16_run, "Train/skipped_steps") == [(1, 1.0), (2, 2.0)] + [(s, 2.0) for s in range(3, STEPS + 1)]
+    skipped = [(1, 1.0), (2, 2.0)] + [(step, 2.0) for step in range(3, STEPS + 1)]
+    assert metric_rows(fp16_run, "Train/skipped_steps") == skipped
     assert metric_rows(fp16_run, "Train/loss_scale") == [(1, scale)] + [(s, scale / 2) for s in range(2, STEPS + 1)]
     validation = dict(metric_rows(fp16_run, "Val/loss"))
     assert validation[STEPS] < validation[3] - 0.3
@@ -308,3 +309,25 @@ def test_fp16_export_holds_the_real_weights(fp16_run):
     for name, weight in exported.items():
         two_ulp = 2 * 2.0**-10 * weight.abs().max().item()
         assert (weight - states[name].float()).abs().max().item() <= two_ulp, name
+
+
+def test_make_train_target_trains_a_size_with_its_gpu_config(corpus, tmp_path):
+    """What the README tells GPU users to type -- ``make train-llama-60m`` (launch/train_single_node.sh, the size's
+    ds_configs/llama-60m.json: ZeRO-1, fp16, OrthoAdam + softmax-1) -- on 2 CPU ranks, shortened to 2 steps."""
+    run_dir = tmp_path / "make-run"
+    train_args = (f"--val-data {corpus['val']} --val-samples 4 --seq-len 32 --train-steps 2 --no-export "
+                  "--log-every 1 --outlier-every 0 --set train_batch_size=8 --set train_micro_batch_size_per_gpu=4")
+    venv = Path(sys.executable).parent.parent
+    command = ["make", "--no-print-directory", "train-llama-60m", "NUM_GPUS=2", f"VENV={venv}",
+               f"TRAIN_DATA={corpus['train']}", f"TRAIN_TOKENIZER={corpus['tokenizer']}", f"RUN_DIR={run_dir}",
+               f"TRAIN_ARGS={train_args}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu"), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "launch/train_single_node.sh llama-60m --attention softmax1 --optimizer orthoadam" in output
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["model_args"]["name"] == "llama-60m" and run["optimizer"] == "OrthoAdam"
+    assert metric_rows(run_dir, "Train/loss_scale") == [(1, 65536.0), (2, 65536.0)]  # the config's 2^16
+    assert complete_tags(run_dir) == ["global_step2"]
