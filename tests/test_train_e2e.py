@@ -319,8 +319,8 @@ def test_make_train_target_trains_a_size_with_its_gpu_config(corpus, tmp_path):
                   "--log-every 1 --outlier-every 0 --set train_batch_size=8 --set train_micro_batch_size_per_gpu=4")
     venv = Path(sys.executable).parent.parent  # this environment, taken as set up (-o: never re-installed)
     command = ["make", "--no-print-directory", "-o", f"{venv}/.installed", "train-llama-60m", "NUM_GPUS=2",
-               f"VENV={venv}", f"TRAIN_DATA={corpus['train']}", f"TRAIN_TOKENIZER={corpus['tokenizer']}", f"RUN_DIR={run_dir}",
-               f"TRAIN_ARGS={train_args}"]
+               f"VENV={venv}", f"TRAIN_DATA={corpus['train']}", f"TRAIN_TOKENIZER={corpus['tokenizer']}",
+               f"RUN_DIR={run_dir}", f"TRAIN_ARGS={train_args}"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu"), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MASTER_PORT": str(free_port())}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
