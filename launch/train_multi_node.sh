@@ -6,7 +6,8 @@
 # Requirements: passwordless ssh from this node to every host; the repository and its .venv at the same path on
 # every node; --output-dir on a filesystem all nodes share (checkpoints are written by every rank).
 # The hostfile lists "HOST slots=8" per node (launch/hostfile.example). MASTER_ADDR is the address of the first host
-# as the other nodes reach it; MASTER_PORT defaults to 29500.
+# as the other nodes reach it; MASTER_PORT defaults to 29500. DS_LAUNCHER_ARGS holds further deepspeed launcher
+# options (e.g. "--ssh_port 2222" or "--launcher openmpi"), placed before the training module.
 #
 # Environment propagation: DeepSpeed exports PYTHON*, NCCL* and a few other variables to the remote ranks by itself;
 # everything else must be listed in .deepspeed_env (KEY=VALUE lines, read from the working directory). This script
@@ -34,7 +35,9 @@ done
 echo "propagating to all nodes via .deepspeed_env: $(cut -d= -f1 .deepspeed_env | tr '\n' ' ')" >&2
 
 venv="${VENV:-.venv}"
+[[ "$venv" == /* ]] || venv="$PWD/$venv"  # remote nodes run the launcher by this path: make it absolute
 launcher="deepspeed"
-[[ -x "$venv/bin/deepspeed" ]] && launcher="$PWD/$venv/bin/deepspeed"
-exec "$launcher" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+[[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed"
+# DS_LAUNCHER_ARGS is unquoted on purpose: it holds several options.
+exec "$launcher" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" ${DS_LAUNCHER_ARGS:-} \
     --module ds_orthoadam.train --model "$model" "$@"

@@ -331,3 +331,51 @@ def test_make_train_target_trains_a_size_with_its_gpu_config(corpus, tmp_path):
     assert run["model_args"]["name"] == "llama-60m" and run["optimizer"] == "OrthoAdam"
     assert metric_rows(run_dir, "Train/loss_scale") == [(1, 65536.0), (2, 65536.0)]  # the config's 2^16
     assert complete_tags(run_dir) == ["global_step2"]
+
+
+def _multi_node_script(env_overrides: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "VENV": str(Path(sys.executable).parent.parent), **env_overrides}
+    return subprocess.run([str(REPO / "launch" / "train_multi_node.sh"), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def keep_deepspeed_env():
+    """The multi-node script writes REPO/.deepspeed_env: put back whatever was there."""
+    path = REPO / ".deepspeed_env"
+    saved = path.read_bytes() if path.exists() else None
+    yield path
+    if saved is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(saved)
+
+
+def test_multi_node_script_checks_its_settings_before_launching(tmp_path, keep_deepspeed_env):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    missing = {"HOSTFILE": "", "MASTER_ADDR": "127.0.0.1"}
+    assert "set HOSTFILE to a deepspeed hostfile" in _multi_node_script(missing, "llama-tiny").stderr
+    no_master = {"HOSTFILE": str(hostfile), "MASTER_ADDR": ""}
+    assert "set MASTER_ADDR" in _multi_node_script(no_master, "llama-tiny").stderr
+    absent = _multi_node_script({"HOSTFILE": str(tmp_path / "nope"), "MASTER_ADDR": "127.0.0.1"}, "llama-tiny")
+    assert absent.returncode == 2 and f"hostfile {tmp_path / 'nope'} does not exist" in absent.stderr
+    usage = _multi_node_script({"HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1"})
+    assert usage.returncode == 2 and usage.stderr.startswith("usage:")
+
+
+def test_multi_node_script_launches_from_a_hostfile(corpus, tmp_path, keep_deepspeed_env):
+    """One host (localhost, 2 CPU slots) without the ssh check: the hostfile launch path and .deepspeed_env."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run_dir = tmp_path / "multi"
+    result = _multi_node_script(
+        {"HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+         "DS_LAUNCHER_ARGS": "--no_ssh_check", "DS_ENV_VARS": "HF_HUB_OFFLINE OMP_NUM_THREADS UNSET_VARIABLE"},
+        "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"], "--tokenizer", corpus["tokenizer"],
+        "--seq-len", str(SEQ_LEN), "--val-samples", "4", "--train-steps", "2", "--no-export", "--outlier-every", "0",
+        "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4", "--output-dir", str(run_dir))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert keep_deepspeed_env.read_text() == "HF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n"
+    assert "on 2 rank(s)" in result.stdout and complete_tags(run_dir) == ["global_step2"]
