@@ -129,6 +129,24 @@ def test_avx2_code_only_where_the_cpu_has_it(monkeypatch, tmp_path):
     assert not kron_cpu._has_avx2_fma()
 
 
+def test_the_portable_build_matches_the_gemm_path(monkeypatch):
+    """The build without AVX2/FMA (older x86, aarch64 hosts such as Grace: where exports and analyses rotate on
+    the CPU) computes the same rotations; here it is built next to the AVX2 one."""
+    monkeypatch.setattr(kron_cpu, "_has_avx2_fma", lambda: False)
+    monkeypatch.setattr(kron_cpu, "_library", None)
+    monkeypatch.setattr(kron_cpu, "_unavailable", False)
+    assert kron_cpu.library() is not None
+    for shape in SHAPES:
+        for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+            rotation = make_rotation(shape, "hadamard", seed=3, key="w", max_dense_dim=1000, dtype=dtype)
+            x = torch.randn(shape, dtype=dtype)
+            fast = [rotation.rotate(x), rotation.unrotate(x)]
+            assert rotation._cpu_plans[(False, dtype)] is not None
+            gemm_path(rotation)
+            for got, expected in zip(fast, [rotation.rotate(x), rotation.unrotate(x)]):
+                torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+
+
 def test_the_environment_variable_turns_the_kernel_off():
     code = ("import torch; from ds_orthoadam import kron_cpu; from ds_orthoadam.rotations import make_rotation;"
             "r = make_rotation((16, 24), 'hadamard', key='w'); r.rotate(torch.randn(16, 24));"
