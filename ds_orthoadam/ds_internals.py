@@ -2,7 +2,7 @@
 
 The OrthoAdam integration (:mod:`ds_orthoadam.zero_orthoadam`) keeps DeepSpeed's fp32 master weights and Adam
 moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs the
-first eight facts about DeepSpeed's internals below, the trainer's restarts the ninth; each is one function here,
+first eight facts about DeepSpeed's internals below, the trainer's restarts the last two; each is one function here,
 and ``tests/test_ds_internals.py`` checks every one against the installed DeepSpeed, so an upgrade that breaks one
 fails loudly there instead of silently training in the wrong frame (or logging a resumed run twice):
 
@@ -25,7 +25,9 @@ fails loudly there instead of silently training in the wrong frame (or logging a
    parameter's own tensor hooks have run (:func:`reduces_accumulated_grads_in_boundary_backward`);
 9. that DeepSpeed's TensorBoard monitor keeps its ``torch.utils.tensorboard.SummaryWriter`` (rank 0) at
    ``engine.monitor.tb_monitor.summary_writer``, the writer that ``engine.monitor.write_events`` and DeepSpeed's own
-   ``Train/Samples/*`` events go through (for the resume purge).
+   ``Train/Samples/*`` events go through (for the resume purge);
+10. the csv monitor's file layout and its per-process record of headers written (:func:`csv_monitor_files`, for the
+    same purge).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Callable
 
 import deepspeed
@@ -167,3 +170,18 @@ def purge_tensorboard_from_step(engine: "deepspeed.DeepSpeedEngine", step: int) 
     writer._get_file_writer()  # opens the new event file and writes the two purge events into it
     writer.flush()
     return True
+
+
+def csv_monitor_files(engine: "deepspeed.DeepSpeedEngine") -> tuple[list[Path], list[str]] | None:
+    """The CSV files of DeepSpeed's csv monitor and its list of files that have their header (rank 0); None when the
+    monitor is off or on other ranks.
+
+    ``csvMonitor.write_events`` appends ``step,value`` rows to ``<output_path>/<job_name>/<tag>.csv`` (``/`` and
+    spaces in the tag become ``_``), after a ``step,<last part of the tag>`` header row the first time *its process*
+    writes that tag, i.e. the file stem is not yet in ``csvMonitor.filenames``: appending a stem there keeps a
+    resumed process from repeating the header.
+    """
+    csv_monitor = engine.monitor.csv_monitor
+    if csv_monitor is None or not csv_monitor.enabled or csv_monitor.log_dir is None:
+        return None
+    return sorted(Path(csv_monitor.log_dir).glob("*.csv")), csv_monitor.filenames

@@ -157,6 +157,12 @@ def validate(config: dict, world_size: int) -> None:
                              "dynamic loss scale at 2^32 instead of the documented 2^16)")
 
 
-def with_tensorboard(config: dict, log_dir: str | os.PathLike, job_name: str) -> dict:
-    """``config`` with DeepSpeed's TensorBoard monitor writing to ``log_dir/job_name`` (rank 0 only)."""
-    return deep_merge(config, {"tensorboard": {"enabled": True, "output_path": str(log_dir), "job_name": job_name}})
+def with_run_monitors(config: dict, run_dir: str | os.PathLike) -> dict:
+    """``config`` with DeepSpeed's monitors writing into the run directory (rank 0 only): TensorBoard always, to
+    ``run_dir/tensorboard/<run name>``; the csv monitor, where the config enables it, to ``run_dir/csv/<run name>``
+    (a resume truncates both to the checkpoint's step, so they must belong to the run)."""
+    run_dir = Path(run_dir)
+    monitors = {"tensorboard": {"enabled": True, "output_path": str(run_dir / "tensorboard"), "job_name": run_dir.name}}
+    if config.get("csv_monitor", {}).get("enabled"):
+        monitors["csv_monitor"] = {"output_path": str(run_dir / "csv"), "job_name": run_dir.name}
+    return deep_merge(config, monitors)

@@ -89,12 +89,22 @@ def peak_tflops_for_device(device_name: str) -> float | None:
     return next((tflops for model, tflops in PEAK_TFLOPS if words.issuperset(model)), None)
 
 
+def _replace_atomically(path: Path, lines: list[str]) -> None:
+    """Write ``lines`` to a temporary file beside ``path`` that then replaces it: a crash leaves the old file or the
+    new one, never a truncated one."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def keep_metrics_through(metrics_file: Path, last_step: int) -> None:
     """Rewrite ``metrics_file`` with only its rows of steps ``<= last_step``, atomically (rank 0).
 
     A crash can leave a half-written last line: unparsable lines are dropped with a warning rather than failing the
-    resume. The new content goes to a temporary file in the same directory that then replaces the original, so a
-    crash here leaves either the old or the new file, never a truncated one.
+    resume.
     """
     if not metrics_file.exists():
         return
@@ -112,12 +122,28 @@ def keep_metrics_through(metrics_file: Path, last_step: int) -> None:
     if unparsable:
         print(f"warning: dropped {unparsable} unparsable line(s) from {metrics_file} (left by a crash)",
               file=sys.stderr, flush=True)
-    temporary = metrics_file.with_name(metrics_file.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, metrics_file)
+    _replace_atomically(metrics_file, kept)
+
+
+def keep_csv_rows_through(engine, last_step: int) -> None:
+    """Rewrite DeepSpeed's csv monitor files with their header and the rows of steps ``<= last_step`` (rank 0; the
+    same single threshold as the TensorBoard purge, so sample-keyed tags lose more), and tell the monitor that the
+    headers are there. Rows a crash left half-written, and headers repeated by earlier processes, are dropped."""
+    found = ds_internals.csv_monitor_files(engine)
+    if found is None:
+        return
+    files, headed = found
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        newline = "\r\n" if "\r\n" in text else "\n"  # Python's csv writer ends rows with \r\n
+        lines = text.splitlines()[:None if text.endswith("\n") else -1]  # a last line without newline is torn
+        kept = [lines[0] + newline] if lines else []
+        for line in lines[1:]:
+            step = line.split(",", 1)[0]
+            if step.isdigit() and int(step) <= last_step:
+                kept.append(line + newline)
+        _replace_atomically(path, kept)
+        headed.append(path.stem)
 
 
 def format_duration(seconds: float) -> str:
@@ -159,6 +185,7 @@ class Telemetry:
         """
         if self.is_rank0:
             keep_metrics_through(self.metrics_file, step)
+            keep_csv_rows_through(self.engine, step)
         ds_internals.purge_tensorboard_from_step(self.engine, step + 1)
 
     def logged(self, step: int, tag: str) -> bool:

@@ -136,13 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def compose_config(args: argparse.Namespace, world_size: int) -> dict:
-    """The run's validated DeepSpeed config, with TensorBoard pointed at the output directory."""
+    """The run's validated DeepSpeed config, with its monitors pointed at the output directory."""
     base = args.ds_config or (run_config.DS_CONFIG_DIR / "cpu.json" if args.model.endswith("-tiny")
                               else run_config.default_ds_config_path(args.model))
     overrides = ([run_config.variant_path(args.optimizer)] if args.optimizer else []) + args.ds_override
     config = run_config.compose_ds_config(base, overrides, args.assignments)
     run_config.validate(config, world_size)
-    return run_config.with_tensorboard(config, Path(args.output_dir) / "tensorboard", Path(args.output_dir).name)
+    return run_config.with_run_monitors(config, args.output_dir)
 
 
 def initialize_engine(model: torch.nn.Module, ds_config: dict):

@@ -232,3 +232,21 @@ def test_tensorboard_purge_hides_a_crashed_process_events_from_the_resume_step(t
     assert [(e.step, e.value) for e in events.Scalars("Train/loss")] == (
         [(step, float(step)) for step in range(1, 11)] + [(11, 111.0), (12, 112.0)])
     assert not ds_internals.purge_tensorboard_from_step(_engine(0), 11)  # TensorBoard off: nothing to purge
+
+
+def test_csv_monitor_layout_and_its_record_of_headers_written(tmp_path):
+    """What telemetry.keep_csv_rows_through relies on: <output_path>/<job_name>/<tag with '_'>.csv, a header row the
+    first time a process writes a tag, then step,value rows; a stem in the returned list suppresses the header."""
+    csv_monitor = {"enabled": True, "output_path": str(tmp_path), "job_name": "run"}
+    first = _engine(0, csv_monitor=csv_monitor)
+    first.monitor.write_events([("Train/loss", 0.5, 1), ("Train/loss", 0.25, 2)])
+    files, headed = ds_internals.csv_monitor_files(first)
+    assert files == [tmp_path / "run" / "Train_loss.csv"] and headed == ["Train_loss"]
+    assert files[0].read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25"]
+    second = _engine(0, csv_monitor=csv_monitor)  # a new process: it would write the header again...
+    files, headed = ds_internals.csv_monitor_files(second)
+    assert headed == []
+    headed.append("Train_loss")  # ...unless told the file has one
+    second.monitor.write_events([("Train/loss", 0.125, 3)])
+    assert files[0].read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.125"]
+    assert ds_internals.csv_monitor_files(_engine(0)) is None  # monitor off

@@ -106,7 +106,7 @@ def reference_run(corpus, tmp_path_factory) -> Path:
     returncode, output = launch(corpus, run_dir, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
                                 "--checkpoint-every", "2",
                                 "--keep-checkpoints", "2", "--log-every", "1", "--eval-every", "3",
-                                "--outlier-every", "3")
+                                "--outlier-every", "3", "--set", "csv_monitor.enabled=true")
     assert returncode == 0, output
     (run_dir.parent / "reference.log").write_text(output)
     return run_dir
@@ -132,10 +132,15 @@ def test_resume_continues_with_identical_losses_logged_once(reference_run, corpu
     shutil.copy(reference_run / "run.json", resumed / "run.json")
     shutil.copytree(reference_run / "checkpoints" / "global_step4", resumed / "checkpoints" / "global_step4")
     shutil.copytree(reference_run / "tensorboard", resumed / "tensorboard")
+    shutil.copytree(reference_run / "csv", resumed / "csv")
     with open(resumed / "metrics.jsonl", "w") as metrics:
         metrics.write((reference_run / "metrics.jsonl").read_text() + '{"step": 7, "Train/lo')
+    loss_csv = resumed / "csv" / resumed.name / "Train_loss.csv"
+    with open(loss_csv, "a") as torn:
+        torn.write("7,5.1")
     returncode, output = launch(corpus, resumed, "--optimizer", "orthoadam", "--train-steps", str(STEPS),
-                                "--resume", "auto", "--no-export", "--outlier-every", "0")
+                                "--resume", "auto", "--no-export", "--outlier-every", "0",
+                                "--set", "csv_monitor.enabled=true")
     assert returncode == 0, output
     assert "resumed from" in output and "global_step4 at step 4" in output
     assert f"dropped 1 unparsable line(s) from {resumed / 'metrics.jsonl'}" in output
@@ -151,6 +156,10 @@ def test_resume_continues_with_identical_losses_logged_once(reference_run, corpu
     # One purge step for all tags: DeepSpeed's sample-keyed points (8 samples per step) from sample 5 on are hidden
     # too, so only the resumed run's steps 5 and 6 remain (the README says so).
     assert [e.step for e in events.Scalars("Train/Samples/lr")] == [40, 48]
+    # DeepSpeed's csv monitor (in RUN_DIR/csv): one header, every step once, the resumed run's rows for 5 and 6.
+    assert loss_csv.read_text().splitlines() == (reference_run / "csv" / reference_run.name /
+                                                 "Train_loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in loss_csv.read_text().splitlines()] == ["step", "1", "2", "3", "4", "5", "6"]
 
 
 def test_rerunning_a_finished_run_only_exports_again(reference_run, corpus, tmp_path):
