@@ -173,3 +173,15 @@ def test_flops_per_token_counts_every_matmul_weight_once():
             matmul = total - seq_len * spec.hidden
         expected = 6 * matmul + 12 * spec.layers * spec.hidden * seq_len
         assert flops_per_token(model, seq_len) == expected
+
+
+def test_monitors_write_into_the_run_directory(tmp_path):
+    base = run_config.read_json(run_config.DS_CONFIG_DIR / "llama-60m.json")
+    config = run_config.with_run_monitors(base, tmp_path / "run-a")
+    assert config["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "run-a" / "tensorboard"),
+                                     "job_name": "run-a"}
+    assert "csv_monitor" not in config  # off unless the config enables it
+    with_csv = run_config.with_run_monitors({**base, "csv_monitor": {"enabled": True, "output_path": "/elsewhere"}},
+                                            tmp_path / "run-a")
+    assert with_csv["csv_monitor"] == {"enabled": True, "output_path": str(tmp_path / "run-a" / "csv"),
+                                       "job_name": "run-a"}
