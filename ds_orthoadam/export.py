@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 and the single-scale-norm model classes)
 from ds_orthoadam.checkpointing import CHECKPOINT_SUBDIR, RUN_FILE, CheckpointManager
+from ds_orthoadam.cli_errors import report_error
 from ds_orthoadam.data import DataError, load_tokenizer
 from ds_orthoadam.models import build_config
 from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"(complete: {', '.join(manager.complete_tags()) or 'none'})")
         out = export_checkpoint(manager.checkpoint_dir, tag, config, load_tokenizer(run["tokenizer"]), args.out)
     except (ExportError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     print(f"exported {tag} to {out}")
     return 0
 

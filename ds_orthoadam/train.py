@@ -31,13 +31,13 @@ import transformers
 import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
 from ds_orthoadam import run_config
 from ds_orthoadam.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ds_orthoadam.cli_errors import EXIT_BAD_INPUT, report_error
 from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import ExportError, export_checkpoint
 from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, ModelConfigError, build_model
 from ds_orthoadam.telemetry import Telemetry, flops_per_token, peak_tflops_for_device
 
-EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130
 
@@ -357,9 +357,8 @@ def single_process_defaults() -> None:
 
 
 def _fail(message: str, exit_code: int) -> int:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    return exit_code
+    """Report on rank 0 only (every rank fails alike)."""
+    return report_error(message, exit_code) if int(os.environ.get("RANK", "0")) == 0 else exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from ds_orthoadam.analysis.plots import write_plots
 from ds_orthoadam.analysis.quantize import DEFAULT_GROUP_SIZE, default_schemes, scheme_by_name
 from ds_orthoadam.analysis.report import report_settings, write_report
 from ds_orthoadam.analysis.runner import analyze_model
+from ds_orthoadam.cli_errors import report_error
 from ds_orthoadam.data import DataError, resolve_source, validation_batches
 
 
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         markdown = run(args)
     except (AnalysisInputError, DataError) as error:
-        print(f"ds-orthoadam-analyze: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     print(f"report written to {markdown}")
     return 0
 

@@ -28,6 +28,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 
+from ds_orthoadam.cli_errors import report_error
 from .errors import DataSourceError
 
 BUILDER_VERSION = 1
@@ -196,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             texts["jargon.txt"] = extract_jargon(download_jargon(cache))
         wrote = write_demo_corpus(texts, args.out)
     except DataSourceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     with open(os.path.join(args.out, "MANIFEST.json")) as handle:
         counts = json.load(handle)["documents"]
     state = "written" if wrote else "up to date"

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ds_orthoadam.cli_errors import report_error
 from .errors import DataError, DataSourceError, TokenizerError
 from .sources import DataSource, resolve_source
 from .tokenizer import encode_documents, load_tokenizer
@@ -140,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: {len(index['shards'])} shards, {total} tokens ({index['dtype']}) -> "
                   f"{os.path.join(args.out, split)}")
     except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ds_orthoadam.cli_errors import report_error
 from .errors import DataError, TokenizerError
 
 SPM_OPTIONS = dict(
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             raise TokenizerError(f"{args.data} is already tokenised; train the tokenizer on its text source")
         tokenizer = train_tokenizer(source.documents(args.sample_docs), args.out, args.vocab_size)
     except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     print(f"saved a {len(tokenizer)}-token BPE tokenizer to {args.out}")
     return 0
 

@@ -1,0 +1,13 @@
+"""How every ds-orthoadam command reports bad input: one line on standard error naming the problem and the fix (the
+exception's message carries both) and exit status 2, argparse's own status for bad arguments."""
+from __future__ import annotations
+
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def report_error(error: BaseException | str, exit_code: int = EXIT_BAD_INPUT) -> int:
+    """Print ``error: <message>`` to standard error and return ``exit_code`` (for ``main`` to return)."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return exit_code
