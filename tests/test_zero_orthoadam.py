@@ -36,7 +36,7 @@ TRAIN_CASES = [
     "llama:0:fp32:OrthoAdam", "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam",
     "llama:1:bf16:OrthoAdam", "llama:1:bf16:AdamW", "llama:0:bf16:OrthoAdam", "llama:0:bf16:AdamW",
     "llama:1:fp32:OrthoAdam:overflow7", "llama:1:fp32:OrthoAdam:overlap", "llama:1:bf16:OrthoAdam:accum32",
-    # fp16 runs DeepSpeed's own fp16 machinery on the CPU (zero_harness.run_fp16_on_cpu).
+    # fp16 runs DeepSpeed's own fp16 machinery on the CPU (tests/fp16_on_cpu/sitecustomize.py).
     "llama:0:fp16:OrthoAdam", "llama:1:fp16:OrthoAdam", "llama:2:fp16:OrthoAdam",
     "llama:0:fp16:AdamW", "llama:1:fp16:AdamW", "llama:2:fp16:AdamW", "llama:1:fp16:OrthoAdam:overflow7",
 ]
@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 def _launch(out_dir: Path, cases: list[str]) -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR)])}
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR), str(TESTS_DIR / "fp16_on_cpu")])}
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                str(_free_port()), str(TESTS_DIR / "zero_worker.py"), "--out", str(out_dir), "--cases", *cases]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -11,7 +11,6 @@ import socket
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 
 import ds_orthoadam
 from ds_orthoadam import ds_internals
@@ -56,19 +55,6 @@ def micro_batch(step: int, micro: int, rank: int) -> torch.Tensor:
 
 def loss_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss
-
-
-def run_fp16_on_cpu() -> None:
-    """Let DeepSpeed take fp16 configs on the CPU accelerator (in this process).
-
-    The CPU accelerator reports no fp16 support, so DeepSpeed refuses fp16 there. Its fp16 machinery -- the dynamic
-    loss scaler, the overflow check that skips a step, fp16 ZeRO partitions with fp32 masters, FP16_Optimizer at
-    stage 0 -- is device-independent torch code that runs on the CPU once the accelerator says yes. The tests run it
-    that way; only the GPU kernels differ.
-    """
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        type(accelerator).is_fp16_supported = lambda self: True
 
 
 def ds_config(stage: int, optimizer: str = "OrthoAdam", precision: str = "fp32") -> dict:

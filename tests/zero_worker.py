@@ -2,7 +2,7 @@
 
 Runs several cases in one launch (DeepSpeed start-up dominates on CPU). A case is
 ``family:stage:precision:optimizer[:option]``: precision fp32, bf16 or fp16 (DeepSpeed's fp16 machinery on the CPU,
-see :func:`zero_harness.run_fp16_on_cpu`), option ``save10`` (checkpoint at step 10, run on to 20), ``resume10``
+through tests/fp16_on_cpu on PYTHONPATH), option ``save10`` (checkpoint at step 10, run on to 20), ``resume10``
 (load that checkpoint in this new process, run steps 10..19), ``overflow7`` (an inf loss on rank 0 at step 7:
 DeepSpeed must skip the step; with fp16 its dynamic loss scaler also halves the scale), ``overlap``
 (``zero_optimization.overlap_comm``) or ``accum32`` (bf16 with ``data_types.grad_accum_dtype`` fp32: DeepSpeed's
@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_optimizer_state
 
 import ds_orthoadam
 from ds_orthoadam import ds_internals
-from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, run_fp16_on_cpu, tiny_model
+from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, tiny_model
 
 
 def snapshot(engine) -> dict:
@@ -115,7 +115,6 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     ds_internals.skip_shm_comm_build()
-    run_fp16_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
     for case in args.cases:
         start = time.perf_counter()
