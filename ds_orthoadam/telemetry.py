@@ -100,6 +100,19 @@ def _replace_atomically(path: Path, lines: list[str]) -> None:
     os.replace(temporary, path)
 
 
+def _metric_rows(metrics_file: Path) -> list[tuple[str, dict | None]]:
+    """Every line of ``metrics_file`` with its row, or None where it is not a JSON object with an integer step
+    (a line a crash left half-written)."""
+    rows = []
+    for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        rows.append((line, row if isinstance(row, dict) and isinstance(row.get("step"), int) else None))
+    return rows
+
+
 def keep_metrics_through(metrics_file: Path, last_step: int) -> None:
     """Rewrite ``metrics_file`` with only its rows of steps ``<= last_step``, atomically (rank 0).
 
@@ -108,17 +121,9 @@ def keep_metrics_through(metrics_file: Path, last_step: int) -> None:
     """
     if not metrics_file.exists():
         return
-    kept, unparsable = [], 0
-    for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, TypeError, KeyError):
-            unparsable += 1
-            continue
-        if not isinstance(step, int):
-            unparsable += 1
-        elif step <= last_step:
-            kept.append(line + "\n")
+    rows = _metric_rows(metrics_file)
+    kept = [line + "\n" for line, row in rows if row is not None and row["step"] <= last_step]
+    unparsable = sum(row is None for _, row in rows)
     if unparsable:
         print(f"warning: dropped {unparsable} unparsable line(s) from {metrics_file} (left by a crash)",
               file=sys.stderr, flush=True)
@@ -192,14 +197,7 @@ class Telemetry:
         """Whether ``metrics.jsonl`` already holds ``tag`` at ``step`` (rank 0; False elsewhere)."""
         if not self.is_rank0 or not self.metrics_file.exists():
             return False
-        for line in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("step") == step and tag in row:
-                return True
-        return False
+        return any(row is not None and row["step"] == step and tag in row for _, row in _metric_rows(self.metrics_file))
 
     def _write(self, step: int, scalars: dict[str, float]) -> None:
         self.engine.monitor.write_events([(tag, value, step) for tag, value in scalars.items()])  # rank 0 only
