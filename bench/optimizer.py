@@ -9,8 +9,8 @@ both long-axis transforms (the vocabulary axis Hadamard-rotated, the default, or
 
 On the CPU the rotations run in a compiled tiled kernel (ds_orthoadam/kron_cpu.py) when a C++ compiler is present.
 Each round also prints a lower bound for any implementation of the same Q on this machine: AdamW(fused)'s measured
-time plus, per rotation (two per step), the dense Kronecker blocks' multiply-adds at the FMA rate of a large GEMM
-and one read+write pass over all parameters (both measured here; butterflies and further passes are left out).
+time plus, per rotation (two per step), the dense (Haar) Kronecker blocks' multiply-adds at the FMA rate of a large
+GEMM and one read+write pass over all parameters (both measured here; butterflies and further passes are left out).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
                                                              [--long-axes hadamard identity] [--model llama-60m]
@@ -47,13 +47,14 @@ def interleaved_median_seconds(optimizers: dict[str, torch.optim.Optimizer], ste
 
 
 def dense_multiply_adds(model: torch.nn.Module, kind: str, long_axis: str) -> int:
-    """Multiply-adds of one rotation of every parameter from its dense (non-Hadamard) Kronecker blocks: a block of
-    size f costs f per element."""
+    """Multiply-adds of one rotation of every parameter from its dense (Haar) Kronecker blocks: a block of size f
+    costs f per element. Hadamard blocks and odd blocks (Hadamard windows: butterflies on the CPU) are left out."""
     total = 0
     for name, p in model.named_parameters():
         rotation = make_rotation(p.shape, kind, 0, name, long_axis=long_axis)
         for axis in rotation.axes:
-            total += p.numel() * sum(f.shape[0] for f in axis.factors if not axis.is_hadamard(f))
+            total += p.numel() * sum(f.shape[0] for f in axis.factors
+                                     if not axis.is_hadamard(f) and id(f) not in axis.window_signs)
     return total
 
 

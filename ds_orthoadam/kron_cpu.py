@@ -26,7 +26,7 @@ import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "kron_cpu.cpp"
 DISABLE_ENV = "DS_ORTHOADAM_CPU_KERNEL"
-IDENTITY, DENSE, HADAMARD = 0, 1, 2
+IDENTITY, DENSE, HADAMARD, WINDOWS = 0, 1, 2, 3
 # Dense factors wider than this (the "dense" rotation kind) are left to BLAS, which is efficient at large K.
 MAX_FACTOR = 64
 _C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
@@ -104,8 +104,9 @@ def library() -> ctypes.CDLL | None:
 
 @dataclass(frozen=True)
 class AxisDigits:
-    """One axis for the kernel: digit sizes, kinds (IDENTITY/DENSE/HADAMARD), dense factors (None otherwise) and the
-    axis' sign vector (None: no signs). Factors and signs must be contiguous CPU tensors of the kernel's dtype."""
+    """One axis for the kernel: digit sizes, kinds (IDENTITY/DENSE/HADAMARD/WINDOWS), per digit the dense factor or
+    the window signs (None for the others), and the axis' sign vector (None: no signs). Factors and signs must be
+    contiguous CPU tensors of the kernel's dtype."""
 
     sizes: tuple[int, ...]
     kinds: tuple[int, ...]

@@ -16,7 +16,10 @@ Axis transforms:
   odd: D are random signs, H the orthonormal Walsh-Hadamard matrix (Sylvester order), O_b a Haar block of the first
   power-of-two factor (b <= 16; without it a one-hot gradient would become a flat vector, on which Adam's
   normalisation acts like on the one-hot, i.e. OrthoAdam would take Adam's step) and O_m a Kronecker product of
-  small Haar blocks for the odd part (prime factors grouped up to 32: 32000 = 25 * 5 * 2^8, 1376 = 43 * 2^5).
+  odd blocks (prime factors grouped up to 32: 32000 = 25 * 5 * 2^8, 1376 = 43 * 2^5). An odd block of size k is
+  three signed Hadamard transforms of width w = 2^floor(log2 k) on its coordinates [0, w), [k-w, k), [0, w)
+  (:func:`odd_windows_block`): the windows overlap, so it mixes fully, at 3 log2(w) w / k additions per element
+  where a Haar block costs k multiply-adds (rotation scheme version 2; version 1 used Haar odd blocks).
   Every output coordinate depends on every input coordinate; cost O(n log n) for the power-of-two part, O(n)
   memory (signs plus blocks of bounded size).
   Lengths with a prime factor above 256 (e.g. 50257) use overlapping power-of-two windows instead:
@@ -60,12 +63,12 @@ ROTATION_KINDS = ("dense", "hadamard")
 LONG_AXIS_TRANSFORMS = ("hadamard", "identity")
 DEFAULT_LONG_AXIS = "hadamard"
 # Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim, long_axis).
-ROTATION_VERSION = 1
+ROTATION_VERSION = 2
 DEFAULT_MAX_DENSE_DIM = 4096
 # Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
 # on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
 HADAMARD_BLOCK_LOG2 = 4
-# Odd parts of Hadamard axis lengths: Haar blocks grouping prime factors up to ODD_BLOCK_TARGET (GEMM passes with
+# Odd parts of Hadamard axis lengths: odd blocks grouping prime factors up to ODD_BLOCK_TARGET (GEMM passes with
 # small blocks are memory-bound, so fewer, moderately sized blocks are fastest); primes above MAX_ODD_PRIME use windows.
 ODD_BLOCK_TARGET = 32
 MAX_ODD_PRIME = 256
@@ -214,14 +217,16 @@ class _Axis:
     signs: torch.Tensor | None = None
     windows: _Windows | None = None
     shared_factor_ids: set[int] = field(default_factory=set)  # Hadamard blocks: not owned, not counted
+    # Odd blocks (odd_windows_block): id of the factor -> its window signs (3 w), what the CPU kernel applies.
+    window_signs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def is_hadamard(self, factor: torch.Tensor) -> bool:
-        """Whether ``factor`` is one of the shared Sylvester-Hadamard blocks (else a Haar block this axis owns)."""
+        """Whether ``factor`` is one of the shared Sylvester-Hadamard blocks (else a block this axis owns)."""
         return id(factor) in self.shared_factor_ids
 
     @property
     def nbytes(self) -> int:
-        owned = [f for f in self.factors if not self.is_hadamard(f)]
+        owned = [f for f in self.factors if not self.is_hadamard(f)] + list(self.window_signs.values())
         owned += [self.signs] if self.signs is not None else []
         return sum(t.numel() * t.element_size() for t in owned) + (self.windows.nbytes if self.windows else 0)
 
@@ -292,7 +297,8 @@ class Rotation:
             return None
         key = (transpose, x.dtype)
         if key not in self._cpu_plans:
-            usable = all(a.windows is None and all(f.shape[0] <= kron_cpu.MAX_FACTOR for f in a.factors)
+            usable = all(a.windows is None and all(f.shape[0] <= kron_cpu.MAX_FACTOR or id(f) in a.window_signs
+                                                     for f in a.factors)
                          for a in self.axes)
             plan = None
             if usable and kron_cpu.library() is not None:
@@ -309,12 +315,16 @@ class Rotation:
 
         if not axis.factors:
             return kron_cpu.AxisDigits((axis.size,), (kron_cpu.IDENTITY,), (None,), None)
-        hadamard = [axis.is_hadamard(f) for f in axis.factors]
-        return kron_cpu.AxisDigits(
-            sizes=tuple(f.shape[0] for f in axis.factors),
-            kinds=tuple(kron_cpu.HADAMARD if h else kron_cpu.DENSE for h in hadamard),
-            factors=tuple(None if h else cpu(f.T if transpose else f) for f, h in zip(axis.factors, hadamard)),
-            signs=None if axis.signs is None else cpu(axis.signs))
+        def digit(factor: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+            if axis.is_hadamard(factor):
+                return kron_cpu.HADAMARD, None
+            if id(factor) in axis.window_signs:  # the kernel runs the windows (backwards when transposed)
+                return kron_cpu.WINDOWS, cpu(axis.window_signs[id(factor)])
+            return kron_cpu.DENSE, cpu(factor.T if transpose else factor)
+
+        kinds, factors = zip(*(digit(f) for f in axis.factors))
+        return kron_cpu.AxisDigits(sizes=tuple(f.shape[0] for f in axis.factors), kinds=kinds, factors=factors,
+                                   signs=None if axis.signs is None else cpu(axis.signs))
 
     def _apply_cpu_plan(self, plan: kron_cpu.KronPlan, x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
         source = x.contiguous()
@@ -409,6 +419,30 @@ class Rotation:
         return sum(axis.nbytes for axis in self.axes)
 
 
+def window_width(size: int) -> int:
+    """The largest power of two below an odd ``size`` (more than half of it, so that windows at both ends overlap)."""
+    return 1 << ((size - 1).bit_length() - 1)
+
+
+def odd_windows_block(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transform of an odd block: ``W3 W2 W1``, each ``W`` a signed Hadamard transform of width
+    w = window_width(size) on the block's coordinates ``[0, w)``, ``[size-w, size)``, ``[0, w)`` in turn.
+
+    Returns the three sign vectors (3 x w, scaled by 1/sqrt(w): the unnormalised +-1 Hadamard matrix then gives an
+    orthogonal window) and the product as a dense size x size matrix (float64) for the GEMM path. Every output
+    depends on every input (the windows overlap), and a column is not flat (coordinates outside the middle overlap
+    pass through fewer windows), so Adam's per-coordinate normalisation cannot undo it. It costs 3 w log2(w) / size
+    additions per element instead of a Haar block's size multiply-adds.
+    """
+    width = window_width(size)
+    signs = torch.stack([_random_signs(width, generator) for _ in range(3)]) / math.sqrt(width)
+    hadamard = normalised_hadamard(width) * math.sqrt(width)
+    matrix = torch.eye(size, dtype=torch.float64)
+    for start, window_signs in zip((0, size - width, 0), signs):
+        matrix[start:start + width] = (hadamard * window_signs) @ matrix[start:start + width]
+    return signs, matrix
+
+
 def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.dtype) -> _Axis:
     power_of_two = size & -size
     odd_blocks = _odd_block_sizes(size // power_of_two)
@@ -417,13 +451,19 @@ def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.d
         signs = [_random_signs(width, generator).to(device=device, dtype=dtype) for _ in range(3)]
         permutation = torch.randperm(size, generator=generator).to(device)
         return _Axis(size, windows=_Windows(size, signs, permutation))
+    odd, window_signs = [], {}
+    for block in odd_blocks:
+        block_signs, matrix = odd_windows_block(block, generator)
+        odd.append(matrix.to(device=device, dtype=dtype))
+        window_signs[id(odd[-1])] = block_signs.reshape(-1).to(device=device, dtype=dtype)
     hadamard_blocks = _hadamard_block_sizes(power_of_two)
-    # The first power-of-two block is Haar too: H D alone maps a one-hot gradient to a flat vector, which Adam's
+    # The first power-of-two block is Haar: H D alone maps a one-hot gradient to a flat vector, which Adam's
     # per-coordinate normalisation treats like the one-hot itself (OrthoAdam would then take Adam's step).
-    haar = [haar_orthogonal(b, generator).to(device=device, dtype=dtype) for b in odd_blocks + hadamard_blocks[:1]]
+    haar = [haar_orthogonal(hadamard_blocks[0], generator).to(device=device, dtype=dtype)] if hadamard_blocks else []
     hadamard = [_shared_hadamard(b, device, dtype) for b in hadamard_blocks[1:]]
     signs = _random_signs(size, generator).to(device=device, dtype=dtype)
-    return _Axis(size, factors=haar + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard})
+    return _Axis(size, factors=odd + haar + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard},
+                 window_signs=window_signs)
 
 
 def make_rotation(

@@ -14,10 +14,11 @@ from ds_orthoadam.rotations import ScratchBuffers, make_rotation
 pytestmark = pytest.mark.skipif(kron_cpu.library() is None, reason="no C++ compiler: the CPU kernel cannot be built")
 
 # Shapes that reach every kernel path: in-vector butterflies (512 = 8*8*8), rows shorter than a vector (1376 = 43*8*4),
-# out-axis tiles with a narrow remainder (inner length not a multiple of the tile width), vectors, odd parts, a
-# vocabulary-like long axis (32000 = 25*5*16*16), a single column, and sizes too small for one SIMD vector.
+# out-axis tiles with a narrow remainder (inner length not a multiple of the tile width), vectors, odd parts (window
+# digits on either axis, inside or below a vector, wider than MAX_FACTOR: 67, 127), a vocabulary-like long axis
+# (32000 = 25*5*16*16), a single column, and sizes too small for one SIMD vector.
 SHAPES = [(512,), (96, 512), (1376, 64), (64, 1376), (250, 40), (7, 24), (3, 5, 8), (48, 1), (1, 48), (32000, 8),
-          (2, 3)]
+          (2, 3), (12, 12), (67, 16), (16, 254)]
 
 
 def gemm_path(rotation):

@@ -16,6 +16,7 @@ from ds_orthoadam.rotations import (
     haar_orthogonal,
     make_rotation,
     normalised_hadamard,
+    odd_windows_block,
     rotation_nbytes,
 )
 
@@ -118,6 +119,27 @@ def test_hadamard_rotation_does_not_flatten_a_one_hot_vector():
     assert magnitudes.std() > 0.2 * magnitudes.mean()
 
 
+@pytest.mark.parametrize("size", [3, 5, 25, 43, 125, 255])
+def test_odd_blocks_are_three_overlapping_signed_hadamard_windows(size):
+    """The odd block W3 W2 W1, rebuilt from scipy's Hadamard matrix and the returned signs; it mixes every coordinate
+    and leaves no column flat (a flat column is what lets Adam's normalisation undo a rotation)."""
+    signs, matrix = odd_windows_block(size, torch.Generator().manual_seed(size))
+    width = 1 << (size.bit_length() - 1)
+    assert signs.shape == (3, width)
+    torch.testing.assert_close(signs.abs(), torch.full_like(signs, width**-0.5), rtol=0, atol=1e-15)
+    expected = torch.eye(size, dtype=torch.float64)
+    for start, window_signs in zip((0, size - width, 0), signs):
+        window = torch.eye(size, dtype=torch.float64)
+        window[start:start + width, start:start + width] = (
+            torch.from_numpy(scipy.linalg.hadamard(width)).double() @ torch.diag(window_signs))
+        expected = window @ expected
+    torch.testing.assert_close(matrix, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(matrix.T @ matrix, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (matrix.abs() > 1e-9).all()
+    magnitudes = matrix.abs()
+    assert (magnitudes.std(dim=0) > 0.05 * magnitudes.mean(dim=0)).all()
+
+
 def test_dense_axes_are_haar_distributed():
     """Haar moments: E[Q_ij] = 0 and E[Q_ij^2] = 1/n (plain QR without the sign fix has E[Q_ii] near +-0.5)."""
     generator = torch.Generator().manual_seed(0)
@@ -170,13 +192,14 @@ def test_unknown_kind_fails_clearly():
 def test_rotation_nbytes_counts_matrices_signs_and_permutations():
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Embedding(5000, 8))
     # dense: weight 10x6 -> 10^2 + 6^2 floats; bias -> 10^2; the 5000 axis exceeds 4096, so it is a Hadamard axis:
-    # 5000 = 5^4 * 2^3 -> 5000 signs + Haar blocks 25, 25 and 8 (the first power-of-two block is Haar too);
-    # the embedding's 8-axis is dense: 8^2.
-    embedding_axis = 5000 + 2 * 25**2 + 8**2
+    # 5000 = 5^4 * 2^3 -> 5000 signs + two odd blocks of 25 (each its 25^2 matrix and 3 window sign vectors of 16)
+    # and a Haar block of 8 (the first power-of-two block); the embedding's 8-axis is dense: 8^2.
+    embedding_axis = 5000 + 2 * (25**2 + 3 * 16) + 8**2
     assert rotation_nbytes(model.named_parameters(), "dense") == 4 * (10**2 + 6**2 + 10**2 + embedding_axis + 8**2)
-    # hadamard: 10 = 5 * 2 -> 10 signs + 5^2 + 2^2; 6 = 3 * 2 -> 6 + 3^2 + 2^2; bias as 10; the 8-axis: 8 + 8^2.
-    # (Shared Hadamard blocks are not counted.)
-    expected = 4 * ((10 + 25 + 4) + (6 + 9 + 4) + (10 + 25 + 4) + embedding_axis + 8 + 64)
+    # hadamard: 10 = 5 * 2 -> 10 signs + odd block 5 (5^2 + 3 * 4) + Haar 2^2; 6 = 3 * 2 -> 6 + (3^2 + 3 * 2) + 2^2;
+    # bias as 10; the 8-axis: 8 + 8^2. (Shared Hadamard blocks are not counted.)
+    axis_10, axis_6 = 10 + 25 + 3 * 4 + 4, 6 + 9 + 3 * 2 + 4
+    expected = 4 * (axis_10 + axis_6 + axis_10 + embedding_axis + 8 + 64)
     assert rotation_nbytes(model.named_parameters(), "hadamard") == expected
     assert sum(make_rotation(p.shape, "hadamard", key=n).nbytes for n, p in model.named_parameters()) == expected
     # 263 is prime > 256: three windows of 256 signs (float32) and a permutation of 263 int64 indices.

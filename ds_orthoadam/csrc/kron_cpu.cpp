@@ -7,10 +7,13 @@
 // explicit SIMD vectors, Hadamard factors as butterflies, so a rotation costs a few memory passes.
 //
 // Layout: x is a (rows, cols) row-major matrix; rows = the product of the out digits, cols = the product of the in
-// digits. A digit has a kind: IDENTITY (only as a whole axis: nothing to do), DENSE (an f x f row-major factor) or
-// HADAMARD (the orthonormal Sylvester-Hadamard matrix of size f, a power of two). Signs (length rows / cols, or
-// null) are applied before all factors (rotate) or after them (signs_last = 1, the transpose: its caller passes the
-// transposed dense factors). Only plain C types cross the boundary: the library is loaded with ctypes.
+// digits. A digit has a kind: IDENTITY (only as a whole axis: nothing to do), DENSE (an f x f row-major factor),
+// HADAMARD (the orthonormal Sylvester-Hadamard matrix of size f, a power of two) or WINDOWS (an odd size f: three
+// signed Hadamard transforms of width w = 2^floor(log2 f) on the digit values [0, w), [f-w, f), [0, w); its "factor"
+// holds the three sign vectors of w, scaled by 1/sqrt(w)). Signs (length rows / cols, or null) are applied before
+// all factors (rotate) or after them (signs_last = 1, the transpose: its caller passes the transposed dense factors,
+// and window digits run their windows backwards, signs after each transform). Only plain C types cross the
+// boundary: the library is loaded with ctypes.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,7 +22,7 @@
 
 namespace {
 
-enum Kind : int32_t { kIdentity = 0, kDense = 1, kHadamard = 2 };
+enum Kind : int32_t { kIdentity = 0, kDense = 1, kHadamard = 2, kWindows = 3 };
 
 // Out-axis tiles hold about this many elements (128 KiB in float32, two copies stay in L2).
 constexpr int64_t kTileElements = 32768;
@@ -313,10 +316,60 @@ void hadamard_digit(T* buf, int64_t outer, int64_t f, int64_t inner) {
   }
 }
 
+// x[j][t] *= signs[j] for an [f][inner] block.
+template <typename T>
+void scale_rows(T* __restrict x, const T* __restrict signs, int64_t f, int64_t inner) {
+  using S = Simd<T>;
+  for (int64_t j = 0; j < f; ++j) {
+    T* row = x + j * inner;
+    int64_t t = 0;
+    if (inner % S::kLanes == 0) {
+      const typename S::V s = S::splat(signs[j]);
+      for (; t < inner; t += S::kLanes) S::store(row + t, S::load(row + t) * s);
+    }
+    for (; t < inner; ++t) row[t] *= signs[j];
+  }
+}
+
+// The largest power of two below an odd window-digit size (> size / 2, so the windows overlap).
+inline int64_t window_width(int64_t size) {
+  int64_t width = 1;
+  while (2 * width < size) width <<= 1;
+  return width;
+}
+
+// A WINDOWS digit along the middle axis of an [outer][f][inner] buffer, in place: each window is a signed,
+// unnormalised Hadamard transform of its w digit values (the 1/sqrt(w) is in the signs), split into Hadamard
+// digits of at most 16 (H_ab = H_a (x) H_b in Sylvester order).
+template <typename T>
+void windows_digit(T* buf, const Digit<T>& digit, int64_t outer, int64_t inner, bool transpose) {
+  const int64_t f = digit.size, w = window_width(f);
+  const int64_t starts[3] = {0, f - w, 0};
+  int64_t log2_w = 0;
+  while ((int64_t{1} << log2_w) < w) ++log2_w;
+  const int64_t pieces = (log2_w + 3) / 4;
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int step = 0; step < 3; ++step) {
+      const int window = transpose ? 2 - step : step;
+      T* x = buf + (o * f + starts[window]) * inner;
+      const T* signs = digit.factor + window * w;
+      if (!transpose) scale_rows(x, signs, w, inner);
+      int64_t before = 1, after = w;
+      for (int64_t piece = 0; piece < pieces; ++piece) {
+        const int64_t bits = log2_w / pieces + (piece < log2_w % pieces ? 1 : 0);
+        after >>= bits;
+        hadamard_digit(x, before, int64_t{1} << bits, after * inner);
+        before <<= bits;
+      }
+      if (transpose) scale_rows(x, signs, w, inner);
+    }
+  }
+}
+
 // Applies consecutive digits to a [product of their sizes][width] buffer; returns the buffer holding the result
 // (buf or spare) and multiplies `scale` by the Hadamard normalisations still to be applied.
 template <typename T>
-T* apply_digits(const std::vector<Digit<T>>& digits, T* buf, T* spare, int64_t width, T& scale) {
+T* apply_digits(const std::vector<Digit<T>>& digits, T* buf, T* spare, int64_t width, T& scale, bool transpose) {
   int64_t outer = 1, total = width;
   for (const auto& d : digits) total *= d.size;
   for (const auto& d : digits) {
@@ -327,6 +380,8 @@ T* apply_digits(const std::vector<Digit<T>>& digits, T* buf, T* spare, int64_t w
     } else if (d.kind == kHadamard) {
       hadamard_digit(buf, outer, d.size, inner);
       scale /= std::sqrt(static_cast<T>(d.size));
+    } else if (d.kind == kWindows) {
+      windows_digit(buf, d, outer, inner, transpose);
     }
     outer *= d.size;
   }
@@ -353,7 +408,8 @@ void scaled_copy(const T* __restrict src, T* __restrict dst, int64_t n, T scale,
 // written out). src == dst is allowed. Tiles are independent: OpenMP threads (torch's own pool size) take them in
 // turns.
 template <typename T>
-void out_pass(const T* src, T* dst, const std::vector<Digit<T>>& group, int64_t total, int64_t inner_len) {
+void out_pass(const T* src, T* dst, const std::vector<Digit<T>>& group, int64_t total, int64_t inner_len,
+              bool transpose) {
   constexpr int64_t L = Simd<T>::kLanes;
   const int64_t group_size = digits_product(group);
   const int64_t outer = total / (group_size * inner_len);
@@ -371,7 +427,7 @@ void out_pass(const T* src, T* dst, const std::vector<Digit<T>>& group, int64_t 
       const T* s = src + a * group_size * inner_len + l0;
       for (int64_t k = 0; k < group_size; ++k) std::memcpy(&buf[k * stride], s + k * inner_len, sizeof(T) * w);
       T scale = 1;
-      const T* result = apply_digits(group, buf.data(), spare.data(), stride, scale);
+      const T* result = apply_digits(group, buf.data(), spare.data(), stride, scale, transpose);
       T* d = dst + a * group_size * inner_len + l0;
       for (int64_t k = 0; k < group_size; ++k) scaled_copy<T>(result + k * stride, d + k * inner_len, w, scale, nullptr);
     }
@@ -392,7 +448,7 @@ void in_pass(const T* src, T* dst, const std::vector<Digit<T>>& digits, int64_t 
       const T row_sign = out_signs ? out_signs[r] : T(1);
       scaled_copy<T>(src + r * cols, buf.data(), cols, signs_last ? T(1) : row_sign, signs_last ? nullptr : in_signs);
       T scale = 1;
-      const T* result = apply_digits(digits, buf.data(), spare.data(), 1, scale);
+      const T* result = apply_digits(digits, buf.data(), spare.data(), 1, scale, signs_last);
       scaled_copy<T>(result, dst + r * cols, cols, signs_last ? scale * row_sign : scale,
                      signs_last ? in_signs : nullptr);
     }
@@ -445,7 +501,7 @@ void kron_apply(const T* src, T* dst, int64_t rows, int64_t cols, int32_t n_out,
   }
   int64_t inner_len = cols;  // the last group's columns; each earlier group's are the later groups' times cols
   for (auto g = out_groups.rbegin(); g != out_groups.rend(); ++g) {
-    out_pass(current, dst, *g, total, inner_len);
+    out_pass(current, dst, *g, total, inner_len, signs_last);
     current = dst;
     inner_len *= digits_product(*g);
   }
