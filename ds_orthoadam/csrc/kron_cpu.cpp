@@ -28,9 +28,9 @@ enum Kind : int32_t { kIdentity = 0, kDense = 1, kHadamard = 2, kWindows = 3 };
 constexpr int64_t kTileElements = 32768;
 // Out-axis digits are grouped while their product stays at most this, so that tiles stay at least 64 columns wide.
 constexpr int64_t kMaxOutGroup = 512;
-// A Hadamard digit spanning more bytes than this runs stage by stage: its vectors would lie too far apart for the
-// one-pass version (measured slower on the out-axis tiles).
-constexpr int64_t kMaxFusedSpan = 4096;
+// A Hadamard digit spanning more bytes than this runs two stages per pass (four vectors): its vectors would lie too
+// far apart for the one-pass version (measured slower on the out-axis tiles, and on the 1376-wide rows' windows).
+constexpr int64_t kMaxFusedSpan = 2048;
 // Below this many elements a rotation runs on one thread (a parallel region costs more than it saves).
 constexpr int64_t kParallelElements = 1 << 16;
 
@@ -274,8 +274,25 @@ void hadamard_digit(T* buf, int64_t outer, int64_t f, int64_t inner) {
   using S = Simd<T>;
   constexpr int64_t L = S::kLanes;
   const int64_t total = outer * f * inner;
-  if (inner % L == 0 && f * inner * static_cast<int64_t>(sizeof(T)) > kMaxFusedSpan) {  // stage by stage
-    for (int64_t d = inner; d < f * inner; d <<= 1) {
+  if (inner % L == 0 && f * inner * static_cast<int64_t>(sizeof(T)) > kMaxFusedSpan) {  // radix 4, then 2
+    int64_t d = inner;
+    for (; 4 * d <= f * inner; d <<= 2) {
+      for (int64_t base = 0; base < total; base += 4 * d) {
+        T* __restrict x0 = buf + base;
+        T* __restrict x1 = x0 + d;
+        T* __restrict x2 = x0 + 2 * d;
+        T* __restrict x3 = x0 + 3 * d;
+        for (int64_t t = 0; t < d; t += L) {
+          const typename S::V a = S::load(x0 + t), b = S::load(x1 + t), c = S::load(x2 + t), e = S::load(x3 + t);
+          const typename S::V s0 = a + b, s1 = a - b, s2 = c + e, s3 = c - e;
+          S::store(x0 + t, s0 + s2);
+          S::store(x1 + t, s1 + s3);
+          S::store(x2 + t, s0 - s2);
+          S::store(x3 + t, s1 - s3);
+        }
+      }
+    }
+    for (; d < f * inner; d <<= 1) {
       for (int64_t base = 0; base < total; base += 2 * d) {
         T* __restrict x = buf + base;
         T* __restrict y = buf + base + d;
