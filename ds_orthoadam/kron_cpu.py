@@ -73,7 +73,12 @@ def _build() -> ctypes.CDLL:
     # OpenMP: torch's own libgomp is already loaded, so torch.set_num_threads sizes the kernel's thread pool too.
     path = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               is_python_module=False, verbose=False)
-    library = ctypes.CDLL(path)
+    return load(path)
+
+
+def load(path: str | os.PathLike) -> ctypes.CDLL:
+    """A compiled kernel library with its entry points' C signatures declared."""
+    library = ctypes.CDLL(str(path))
     for dtype, symbol in _SYMBOLS.items():
         pointer = ctypes.POINTER(_C_TYPES[dtype])
         axis = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32),

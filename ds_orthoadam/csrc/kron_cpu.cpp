@@ -79,10 +79,11 @@ inline typename Simd<T>::V permute(typename Simd<T>::V x, Permutation p) {
       case kRepeat2: return DSO_SHUFFLE(x, 0, 1, 0, 1, 0, 1, 0, 1);
       default: return DSO_SHUFFLE(x, 0, 1, 2, 3, 0, 1, 2, 3);
     }
+  } else {  // an else branch, not code after the if: clang would type-check 4-lane shuffles of 8-lane vectors
+    if (p == kSwap1) return DSO_SHUFFLE(x, 1, 0, 3, 2);
+    if (p == kSwap2) return DSO_SHUFFLE(x, 2, 3, 0, 1);
+    return p == kRepeat1 ? DSO_SHUFFLE(x, 0, 0, 0, 0) : DSO_SHUFFLE(x, 0, 1, 0, 1);
   }
-  if (p == kSwap1) return DSO_SHUFFLE(x, 1, 0, 3, 2);
-  if (p == kSwap2) return DSO_SHUFFLE(x, 2, 3, 0, 1);
-  return p == kRepeat1 ? DSO_SHUFFLE(x, 0, 0, 0, 0) : DSO_SHUFFLE(x, 0, 1, 0, 1);
 }
 
 template <typename T>
