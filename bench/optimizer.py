@@ -1,7 +1,8 @@
 """One optimiser step over llama-60m's parameters: OrthoAdam (dense, hadamard) versus torch.optim.AdamW(foreach).
 
-Prints the median step time of each optimiser (same process, same gradients, one round per OrthoAdam variant with
-its own AdamW baselines) as a ratio to AdamW(foreach), and the extra persistent memory OrthoAdam keeps besides
+Prints the median step time of each optimiser (same process, same gradients, rounds per OrthoAdam variant, each with
+its own AdamW baselines) as a ratio to AdamW(foreach), then the median and range of that ratio over the rounds (a
+shared machine moves it from round to round), and the extra persistent memory OrthoAdam keeps besides
 AdamW-sized moments: the rotations and two scratch buffers the size of the largest parameter (AdamW's own per-step
 temporaries are not counted for either). OrthoAdam does its moment
 math with torch's fused AdamW kernel, so AdamW(fused) is shown as a second reference. Each rotation kind is run with
@@ -12,7 +13,7 @@ Each round also prints a lower bound for any implementation of the same Q on thi
 time plus, per rotation (two per step), the dense (Haar) Kronecker blocks' multiply-adds at the FMA rate of a large
 GEMM and one read+write pass over all parameters (both measured here; butterflies and further passes are left out).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rotations dense hadamard]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rounds 3] [--rotations dense hadamard]
                                                              [--long-axes hadamard identity] [--model llama-60m]
 """
 from __future__ import annotations
@@ -87,6 +88,9 @@ def main() -> None:
                         help="long-axis transforms (axes over max_dense_dim=4096: the vocabulary) to run each kind "
                         "with")
     parser.add_argument("--model", default="llama-60m", choices=sorted(MODEL_SPECS), help="model whose parameters")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per OrthoAdam variant, each with fresh baselines (on a shared machine the ratio "
+                        "moves from round to round: the summary gives the median and range)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -100,19 +104,31 @@ def main() -> None:
     # lr=0: every optimiser sees the same parameters and gradients on every step. Each OrthoAdam variant is timed
     # in its own round with fresh AdamW baselines: how fast AdamW(foreach) runs depends on how much memory the
     # process holds (its per-step temporaries are page-faulted in), so all variants at once would skew the baseline.
+    ratios: dict[str, list[float]] = {}
     for kind in args.rotations:
         for long_axis in args.long_axes:
-            optimizers: dict[str, torch.optim.Optimizer] = {
-                "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True),
-                "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True),
-                f"OrthoAdam {kind}, long axis {long_axis}": OrthoAdam(model.named_parameters(), lr=0.0,
-                                                                       rotation=kind, long_axis=long_axis)}
-            seconds = interleaved_median_seconds(optimizers, args.steps)
-            report(optimizers, seconds)
-            floor = seconds["AdamW(fused)"] + 2 * (dense_multiply_adds(model, kind, long_axis) / multiply_adds_per_second()
-                                                   + copy_seconds(model))
-            print(f"lower bound for this Q here: {floor / seconds['AdamW(foreach)']:.2f}x AdamW(foreach)\n")
-            del optimizers
+            for _ in range(args.rounds):
+                name, ratio = timed_round(model, kind, long_axis, args.steps)
+                ratios.setdefault(name, []).append(ratio)
+    print(f"OrthoAdam step / AdamW(foreach) step over {args.rounds} round(s):")
+    for name, values in ratios.items():
+        print(f"  {name:38s} median {statistics.median(values):.2f}x, range {min(values):.2f}-{max(values):.2f}x")
+
+
+def timed_round(model: torch.nn.Module, kind: str, long_axis: str, steps: int) -> tuple[str, float]:
+    """One round: OrthoAdam of this kind and long axis against fresh AdamW baselines; prints the report and the
+    lower bound, returns the OrthoAdam variant's name and its ratio to AdamW(foreach)."""
+    name = f"OrthoAdam {kind}, long axis {long_axis}"
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True),
+        "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True),
+        name: OrthoAdam(model.named_parameters(), lr=0.0, rotation=kind, long_axis=long_axis)}
+    seconds = interleaved_median_seconds(optimizers, steps)
+    report(optimizers, seconds)
+    floor = seconds["AdamW(fused)"] + 2 * (dense_multiply_adds(model, kind, long_axis) / multiply_adds_per_second()
+                                           + copy_seconds(model))
+    print(f"lower bound for this Q here: {floor / seconds['AdamW(foreach)']:.2f}x AdamW(foreach)\n")
+    return name, seconds[name] / seconds["AdamW(foreach)"]
 
 
 def report(optimizers: dict[str, torch.optim.Optimizer], seconds: dict[str, float]) -> None:
