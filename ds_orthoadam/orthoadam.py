@@ -31,9 +31,11 @@ from ds_orthoadam.rotations import (
     LongAxisError,
     Rotation,
     RotationKindError,
+    RotationVersionError,
     ScratchBuffers,
     check_kind,
     check_long_axis,
+    check_version,
     make_rotation,
 )
 
@@ -67,7 +69,8 @@ def _validate_group(group: dict[str, Any]) -> None:
     try:
         check_kind(group["rotation"])
         check_long_axis(group["long_axis"])
-    except (RotationKindError, LongAxisError) as error:
+        check_version(group["rotation_version"])
+    except (RotationKindError, LongAxisError, RotationVersionError) as error:
         raise OrthoAdamConfigError(str(error)) from error
     if not isinstance(group["seed"], int):
         raise OrthoAdamConfigError(f"invalid seed={group['seed']!r}: use an int")
@@ -129,13 +132,13 @@ class OrthoAdam(Optimizer):
 
     def rotation_for(self, group: dict[str, Any], parameter: torch.Tensor, key: str) -> Rotation:
         """The (cached) rotation of ``parameter``; rebuilt if its group's rotation settings changed."""
-        spec = (key, group["rotation"], group["seed"], group["max_dense_dim"], group["long_axis"], parameter.shape,
-                parameter.device, _state_dtype(parameter))
+        spec = (key, group["rotation"], group["seed"], group["max_dense_dim"], group["long_axis"],
+                group["rotation_version"], parameter.shape, parameter.device, _state_dtype(parameter))
         cached = self._rotations.get(parameter)
         if cached is None or cached[0] != spec:
             rotation = make_rotation(parameter.shape, group["rotation"], group["seed"], key, group["max_dense_dim"],
                                      device=parameter.device, dtype=_state_dtype(parameter),
-                                     long_axis=group["long_axis"])
+                                     long_axis=group["long_axis"], version=group["rotation_version"])
             cached = self._rotations[parameter] = (spec, rotation)
         return cached[1]
 
@@ -146,17 +149,15 @@ class OrthoAdam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load after checking the rotation scheme version and that every saved moment has its parameter's shape.
 
-        The saved groups' ``rotation``, ``seed``, ``max_dense_dim`` and ``long_axis`` replace the current ones (as for
-        any torch hyper-parameter), so the moments are used in the frame they were accumulated in. State dicts
-        written before ``long_axis`` existed used the Hadamard transform on long axes.
+        The saved groups' ``rotation``, ``seed``, ``max_dense_dim``, ``long_axis`` and ``rotation_version`` replace
+        the current ones (as for any torch hyper-parameter), so the moments are used in the frame they were
+        accumulated in: a run started with an earlier rotation scheme goes on with it.
         """
         for group in state_dict["param_groups"]:
-            if group.get("rotation_version") != ROTATION_VERSION:
-                raise OrthoAdamStateError(
-                    f"state dict was written with rotation scheme version {group.get('rotation_version')!r} but this "
-                    f"ds_orthoadam builds version {ROTATION_VERSION}: its moments live in another frame; resume with "
-                    "the ds_orthoadam version that wrote it"
-                )
+            try:
+                check_version(group.get("rotation_version"))
+            except RotationVersionError as error:
+                raise OrthoAdamStateError(f"state dict: {error} (its moments live in that scheme's frame)") from error
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         current = self.parameter_keys()
         if len(saved_ids) != len(current):
@@ -175,7 +176,7 @@ class OrthoAdam(Optimizer):
                     )
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            group.setdefault("long_axis", DEFAULT_LONG_AXIS)
+            group.setdefault("long_axis", DEFAULT_LONG_AXIS)  # version-1 state dicts from before long_axis existed
             _validate_group(group)
         self._rotations.clear()
 

@@ -40,10 +40,11 @@ the transposed factors. On the CPU, rotations without windows or wide dense bloc
 that computes the same Q in cache-sized tiles (:mod:`ds_orthoadam.kron_cpu`).
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
-``(seed, key, shape, kind, max_dense_dim, long_axis)``. Random numbers come from a CPU ``torch.Generator``
+``(seed, key, shape, kind, max_dense_dim, long_axis, version)``. Random numbers come from a CPU ``torch.Generator``
 (float64) seeded with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted
 ``hash()`` -- so it is identical on every rank, device and restart. The construction itself (block sizes, hashing)
-is versioned by ``ROTATION_VERSION``, which OrthoAdam stores in its param groups so that a checkpoint is never
+is versioned: new runs use ``ROTATION_VERSION``; OrthoAdam (and the DeepSpeed integration) record the version in
+every checkpoint and resume with the recorded one (any of ``SUPPORTED_ROTATION_VERSIONS``), so a checkpoint is never
 resumed with another Q. ``OrthoAdam`` uses ``key = parameter name`` when given ``model.named_parameters()`` and
 ``key = f"param{i}"`` otherwise, i being the parameter's position in the flattened param groups (its id in
 ``optimizer.state_dict()``).
@@ -63,7 +64,9 @@ ROTATION_KINDS = ("dense", "hadamard")
 LONG_AXIS_TRANSFORMS = ("hadamard", "identity")
 DEFAULT_LONG_AXIS = "hadamard"
 # Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim, long_axis).
+# Earlier versions stay buildable, so that runs started with an earlier release resume in the frame they started in.
 ROTATION_VERSION = 2
+SUPPORTED_ROTATION_VERSIONS = (1, 2)  # 1: odd blocks of Hadamard axes were Haar blocks
 DEFAULT_MAX_DENSE_DIM = 4096
 # Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
 # on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
@@ -84,6 +87,17 @@ def check_kind(kind: str) -> None:
             f"unknown rotation kind {kind!r}: choose one of {', '.join(ROTATION_KINDS)} "
             "(signed permutations are deliberately not offered: Adam is equivariant to them)"
         )
+
+
+class RotationVersionError(ValueError):
+    """A rotation scheme version this release cannot build was requested (a checkpoint from a newer release)."""
+
+
+def check_version(version: object) -> None:
+    if version not in SUPPORTED_ROTATION_VERSIONS:
+        raise RotationVersionError(
+            f"rotation scheme version {version!r} is not one this ds_orthoadam builds "
+            f"({', '.join(map(str, SUPPORTED_ROTATION_VERSIONS))}): resume with the release that wrote it")
 
 
 class LongAxisError(ValueError):
@@ -443,7 +457,7 @@ def odd_windows_block(size: int, generator: torch.Generator) -> tuple[torch.Tens
     return signs, matrix
 
 
-def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.dtype) -> _Axis:
+def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.dtype, version: int) -> _Axis:
     power_of_two = size & -size
     odd_blocks = _odd_block_sizes(size // power_of_two)
     if odd_blocks is None:
@@ -453,6 +467,9 @@ def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.d
         return _Axis(size, windows=_Windows(size, signs, permutation))
     odd, window_signs = [], {}
     for block in odd_blocks:
+        if version == 1:
+            odd.append(haar_orthogonal(block, generator).to(device=device, dtype=dtype))
+            continue
         block_signs, matrix = odd_windows_block(block, generator)
         odd.append(matrix.to(device=device, dtype=dtype))
         window_signs[id(odd[-1])] = block_signs.reshape(-1).to(device=device, dtype=dtype)
@@ -475,15 +492,18 @@ def make_rotation(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     long_axis: str = DEFAULT_LONG_AXIS,
+    version: int = ROTATION_VERSION,
 ) -> Rotation:
     """The rotation OrthoAdam uses for a parameter of ``shape`` named ``key`` (deterministic, see module doc).
 
     ``dtype``/``device`` only choose where the factors are stored; they are always sampled in float64 on the CPU,
-    so the same (seed, key, shape, kind, max_dense_dim, long_axis) gives the same Q everywhere. ``rotate``/``unrotate``
-    accept tensors of any floating dtype and device (factors are cast on the fly if they differ).
+    so the same (seed, key, shape, kind, max_dense_dim, long_axis, version) gives the same Q everywhere.
+    ``rotate``/``unrotate`` accept tensors of any floating dtype and device (factors are cast on the fly if they
+    differ). ``version`` selects an earlier rotation scheme (see SUPPORTED_ROTATION_VERSIONS) to resume old runs.
     """
     check_kind(kind)
     check_long_axis(long_axis)
+    check_version(version)
     shape = torch.Size(shape)
     axes = []
     for axis, size in enumerate(matrix_view(shape)):
@@ -497,7 +517,7 @@ def make_rotation(
         if transform == "dense":
             axes.append(_Axis(size, factors=[haar_orthogonal(size, generator).to(device=device, dtype=dtype)]))
         else:
-            axes.append(_hadamard_axis(size, generator, device, dtype))
+            axes.append(_hadamard_axis(size, generator, device, dtype, version))
     return Rotation(shape, axes)
 
 

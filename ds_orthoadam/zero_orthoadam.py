@@ -49,7 +49,7 @@ import json
 import numbers
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable
 
 import deepspeed
@@ -209,14 +209,18 @@ class RotatedFrame:
     """The rotations of a model's trainable parameters, keyed like ``OrthoAdam(model.named_parameters())``."""
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], spec: RotationSpec):
-        self.spec = spec
         self.params: dict[str, torch.nn.Parameter] = {n: p for n, p in named_parameters if p.requires_grad}
+        self.adopt(spec)
+        self.scratch = ScratchBuffers()
+
+    def adopt(self, spec: RotationSpec) -> None:
+        """(Re)build every rotation for ``spec``; hooks and steps look rotations up when they run, so they follow."""
+        self.spec = spec
         self.rotations: dict[str, Rotation] = {
             name: make_rotation(p.shape, spec.rotation, spec.seed, name, spec.max_dense_dim, device=p.device,
-                                long_axis=spec.long_axis)
+                                long_axis=spec.long_axis, version=spec.version)
             for name, p in self.params.items()
         }
-        self.scratch = ScratchBuffers()
 
     @property
     def nbytes(self) -> int:
@@ -360,6 +364,24 @@ class OrthoAdamEngineHooks:
         client_state = {**(client_state or {}), CLIENT_STATE_KEY: asdict(self.frame.spec)}
         return original_save(save_dir, tag=tag, client_state=client_state, **kwargs)
 
+    def _follow_saved_rotations(self, saved: RotationSpec, load_path: str, module_only: bool) -> None:
+        """Refuse a checkpoint trained with other rotation settings; one from an earlier rotation scheme version goes
+        on in that version's frame (where its master weights and moments live), unless only the module was loaded."""
+        if replace(saved, version=self.frame.spec.version) != self.frame.spec:
+            raise RotationMismatchError(
+                f"checkpoint {load_path} was trained with OrthoAdam rotations {asdict(saved)} but this engine uses "
+                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim/long_axis to the saved "
+                "values")
+        if saved.version == self.frame.spec.version or module_only:
+            return
+        try:
+            rotations.check_version(saved.version)
+        except rotations.RotationVersionError as error:
+            raise RotationMismatchError(f"checkpoint {load_path}: {error}") from error
+        self.frame.adopt(saved)
+        warnings.warn(f"checkpoint {load_path} was written with rotation scheme version {saved.version}: this run goes "
+                      f"on with it (new runs use version {rotations.ROTATION_VERSION})", RuntimeWarning, stacklevel=3)
+
     def load_checkpoint(self, original_load, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
         module_only = load_module_only or not load_optimizer_states
@@ -374,12 +396,8 @@ class OrthoAdamEngineHooks:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was not written by OrthoAdam (no rotation record), so its optimizer state "
                 "is in the real frame: load it with load_module_only=True to start OrthoAdam from its weights")
-        if saved is not None and RotationSpec(**saved) != self.frame.spec:
-            raise RotationMismatchError(
-                f"checkpoint {load_path} was trained with OrthoAdam rotations {saved} but this engine uses "
-                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim/long_axis to the saved "
-                "values (a different version means another ds_orthoadam release built the rotations: resume with that "
-                "one)")
+        if saved is not None:
+            self._follow_saved_rotations(RotationSpec(**saved), load_path, module_only)
         # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
         # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
         if module_only:
@@ -448,8 +466,8 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
     optimized = {name for group in saved["param_shapes"] for name in group}
     trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
     spec = RotationSpec(**saved[CLIENT_STATE_KEY])
-    if spec.version != rotations.ROTATION_VERSION:
-        raise RotationMismatchError(f"{checkpoint_dir} holds rotation scheme version {spec.version} but this "
-                                    f"ds_orthoadam builds version {rotations.ROTATION_VERSION}: export with the "
-                                    "release that trained it")
+    try:
+        rotations.check_version(spec.version)
+    except rotations.RotationVersionError as error:
+        raise RotationMismatchError(f"{checkpoint_dir}: {error}") from error
     return RotatedFrame(trainable, spec).unrotate_state_dict(phi)

@@ -154,30 +154,60 @@ def test_loading_onto_other_shapes_fails_clearly():
         OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
 
 
-def test_a_state_dict_from_before_long_axis_existed_resumes_with_hadamard_long_axes():
-    params, grads = make_params(), gradient_stream(4)
-    reference = OrthoAdam(groups_of(params, True), lr=0.01, rotation="dense", max_dense_dim=8)
+def resume_in_a_new_optimiser(reference, params, edit_state=None, **resumed_kwargs) -> OrthoAdam:
+    """Two steps of ``reference``, its (edited) state dict loaded into a new optimiser on copies of the parameters,
+    two more steps of both: the parameters must agree bit for bit. Returns the new optimiser."""
+    grads = gradient_stream(4)
     run(reference, params, grads[:2])
     state = copy.deepcopy(reference.state_dict())
-    for group in state["param_groups"]:
-        del group["long_axis"]
+    if edit_state is not None:
+        edit_state(state)
     restored = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
-    resumed = OrthoAdam(groups_of(restored, True), lr=0.01, long_axis="identity")
+    resumed = OrthoAdam(groups_of(restored, True), **resumed_kwargs)
     resumed.load_state_dict(state)
     run(reference, params, grads[2:])
     run(resumed, restored, grads[2:])
     for name in params:
         assert torch.equal(params[name].detach(), restored[name].detach()), name
+    return resumed
 
 
-def test_loading_a_state_dict_from_another_rotation_scheme_fails_clearly():
+def test_a_state_dict_from_before_long_axis_existed_resumes_with_hadamard_long_axes():
+    def drop_long_axis(state):
+        for group in state["param_groups"]:
+            del group["long_axis"]
+
+    params = make_params()
+    reference = OrthoAdam(groups_of(params, True), lr=0.01, rotation="dense", max_dense_dim=8)
+    resume_in_a_new_optimiser(reference, params, drop_long_axis, lr=0.01, long_axis="identity")
+
+
+@pytest.mark.parametrize("version", [0, 3, None])
+def test_loading_a_state_dict_from_an_unknown_rotation_scheme_fails_clearly(version):
     params = make_params()
     optimizer = OrthoAdam(groups_of(params, True))
     run(optimizer, params, gradient_stream(1))
     state = optimizer.state_dict()
-    state["param_groups"][1]["rotation_version"] = 0
-    with pytest.raises(OrthoAdamStateError, match="rotation scheme version 0 but this ds_orthoadam builds version"):
+    state["param_groups"][1]["rotation_version"] = version
+    with pytest.raises(OrthoAdamStateError, match=f"rotation scheme version {version} is not one this ds_orthoadam "
+                       r"builds \(1, 2\): resume with the release that wrote it"):
         OrthoAdam(groups_of(make_params(), True)).load_state_dict(state)
+
+
+def test_a_version_1_state_dict_resumes_in_the_version_1_frame():
+    """A run started before rotation scheme 2 goes on with its own Q after loading into a new optimiser."""
+    params = make_params()
+    reference = OrthoAdam([{**group, "rotation_version": 1} for group in groups_of(params, True)], lr=0.01,
+                          rotation="hadamard")
+    resumed = resume_in_a_new_optimiser(reference, params, lr=0.01, rotation="hadamard")
+    # ...and that frame is version 1's, which differs from version 2's where an axis has an odd part (6 = 3 * 2).
+    group, parameter, key = next(e for e in resumed.parameter_keys() if e[2] == "blocks.0.weight")
+    x = torch.randn(6, 10, dtype=torch.float64)
+    version_1 = make_rotation((6, 10), "hadamard", key=key, dtype=torch.float64, version=1)
+    torch.testing.assert_close(resumed.rotation_for(group, parameter, key).rotate(x), version_1.rotate(x),
+                               rtol=0, atol=1e-12)
+    assert (version_1.rotate(x) - make_rotation((6, 10), "hadamard", key=key, dtype=torch.float64).rotate(x)
+            ).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -12,6 +12,7 @@ import torch
 from ds_orthoadam.rotations import (
     LongAxisError,
     RotationKindError,
+    RotationVersionError,
     ScratchBuffers,
     haar_orthogonal,
     make_rotation,
@@ -138,6 +139,35 @@ def test_odd_blocks_are_three_overlapping_signed_hadamard_windows(size):
     assert (matrix.abs() > 1e-9).all()
     magnitudes = matrix.abs()
     assert (magnitudes.std(dim=0) > 0.05 * magnitudes.mean(dim=0)).all()
+
+
+# Version 1's Q applied to 1, 2, ..., n (key "layer.weight", seed 0, float64), computed by the last version-1 code
+# (commit 6afb910) on its GEMM path: runs started with it must resume in this frame.
+VERSION_1_ROTATED_ARANGE = {
+    (12,): [-3.844123916774456, 14.50790097553315, -7.359742869115262, 0.909362440847498, -3.830539910308793,
+            -0.683895367256963, -17.463241643732584, 3.981382919639966, 0.290373029774182, -5.739642197111135,
+            -0.44450459726177, -0.753926074627336],
+    (6, 5): [17.005425191528474, -5.710754509216052, -24.85432408661718, 11.847253279156426, -15.025999361799611,
+             15.0875082408876, -5.884628622282206, -22.173676292375315, 10.635316810801132, -14.818678469742796,
+             -21.383138087015013, 7.969938185746296, 31.370744982155262, -15.016937085948355, 20.32897278108525,
+             -17.435984220675316, 8.038087985012329, 25.8104773960811, -12.478723236501, 19.37552657851633,
+             24.418637526299484, -10.25563385495472, -35.9969195880585, 17.324018658971315, -25.313800410862928,
+             9.921198967975638, -2.62932833998684, -14.395168583643995, 6.805170881499543, -7.489127505353756],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(VERSION_1_ROTATED_ARANGE))
+def test_version_1_rotations_are_the_previous_release_s(shape):
+    rotation = make_rotation(shape, "hadamard", seed=0, key="layer.weight", dtype=torch.float64, version=1)
+    x = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape(shape)
+    expected = torch.tensor(VERSION_1_ROTATED_ARANGE[shape], dtype=torch.float64)
+    torch.testing.assert_close(rotation.rotate(x).reshape(-1), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotation.unrotate(rotation.rotate(x)), x, rtol=0, atol=1e-12)
+
+
+def test_an_unknown_rotation_scheme_version_fails_clearly():
+    with pytest.raises(RotationVersionError, match=r"rotation scheme version 3 is not one this ds_orthoadam builds"):
+        make_rotation((6, 5), "hadamard", version=3)
 
 
 def test_dense_axes_are_haar_distributed():

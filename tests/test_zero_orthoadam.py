@@ -7,6 +7,7 @@ process by ``ds_orthoadam.OrthoAdam`` on the same global batches (tests/zero_har
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -265,6 +266,62 @@ def test_loading_with_other_rotations_or_a_plain_checkpoint_fails_clearly(tmp_pa
     plain.save_checkpoint(str(tmp_path / "plain"), tag="t")
     with pytest.raises(RotationMismatchError, match="load_module_only=True"):
         _one_rank_engine(ds_config(stage=1)).load_checkpoint(str(tmp_path / "plain"), tag="t")
+
+
+def _hadamard_engine(version: int | None = None):
+    """A one-rank Hadamard OrthoAdam engine (the llama MLP axis, 160 = 5 * 32, has an odd block); ``version``
+    rebuilds its frame with that rotation scheme before any step, as a run started with that release would be."""
+    config = ds_config(stage=1)
+    config["optimizer"]["params"]["rotation"] = "hadamard"
+    init_single_rank_process_group()
+    model = tiny_model("llama")
+    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
+    if version is not None:
+        engine.orthoadam_frame.adopt(dataclasses.replace(engine.orthoadam_frame.spec, version=version))
+        engine.orthoadam_hooks._set_master_from_module()
+    return engine
+
+
+def _train(engine, steps: range) -> None:
+    for step in steps:
+        engine.backward(loss_of(engine, micro_batch(step, 0, 0)))
+        engine.step()
+
+
+def test_a_checkpoint_from_rotation_scheme_1_goes_on_in_its_frame(tmp_path):
+    writer = _hadamard_engine(version=1)
+    _train(writer, range(2))
+    writer.save_checkpoint(str(tmp_path), tag="v1")
+    resumed = _hadamard_engine()
+    assert resumed.orthoadam_frame.spec.version == 2
+    with pytest.warns(RuntimeWarning, match="rotation scheme version 1: this run goes on with it"):
+        resumed.load_checkpoint(str(tmp_path), tag="v1")
+    assert resumed.orthoadam_frame.spec.version == 1
+    _train(writer, range(2, 4))
+    _train(resumed, range(2, 4))
+    for (name, param), (_, expected) in zip(resumed.module.named_parameters(), writer.module.named_parameters()):
+        assert torch.equal(param, expected), name
+    # The export regenerates version 1's rotations from the checkpoint's record.
+    exported = export_fp32_state_dict(str(tmp_path), tag="v1")
+    writer_at_save = _hadamard_engine()
+    writer_at_save.load_checkpoint(str(tmp_path), tag="v1", load_module_only=True)
+    for name, param in writer_at_save.module.named_parameters():
+        torch.testing.assert_close(exported[name], param.detach(), rtol=0, atol=1e-6)
+    # Control: version 2's frame differs (the MLP matrices' odd block), so a resume in it would not match.
+    version_2 = _hadamard_engine().orthoadam_frame.rotations
+    x = torch.randn(160, 64)
+    assert (resumed.orthoadam_frame.rotations["model.layers.0.mlp.up_proj.weight"].rotate(x)
+            - version_2["model.layers.0.mlp.up_proj.weight"].rotate(x)).abs().max() > 1e-3
+
+
+def test_a_checkpoint_from_an_unknown_rotation_scheme_fails_clearly(tmp_path):
+    writer = _hadamard_engine()
+    writer.orthoadam_frame.spec = dataclasses.replace(writer.orthoadam_frame.spec, version=3)  # only recorded
+    writer.save_checkpoint(str(tmp_path), tag="v3")
+    with pytest.raises(RotationMismatchError, match=r"rotation scheme version 3 is not one this ds_orthoadam builds"):
+        _hadamard_engine().load_checkpoint(str(tmp_path), tag="v3")
+    with pytest.raises(RotationMismatchError, match=r"rotation scheme version 3 is not one"):
+        export_fp32_state_dict(str(tmp_path), tag="v3")
 
 
 def test_module_only_load_starts_orthoadam_from_real_weights(tmp_path):
