@@ -55,7 +55,7 @@ def dense_multiply_adds(model: torch.nn.Module, kind: str, long_axis: str) -> in
         rotation = make_rotation(p.shape, kind, 0, name, long_axis=long_axis)
         for axis in rotation.axes:
             total += p.numel() * sum(f.shape[0] for f in axis.factors
-                                     if not axis.is_hadamard(f) and id(f) not in axis.window_signs)
+                                     if not axis.is_hadamard(f) and not axis.is_odd_windows(f))
     return total
 
 

@@ -238,6 +238,10 @@ class _Axis:
         """Whether ``factor`` is one of the shared Sylvester-Hadamard blocks (else a block this axis owns)."""
         return id(factor) in self.shared_factor_ids
 
+    def is_odd_windows(self, factor: torch.Tensor) -> bool:
+        """Whether ``factor`` is an odd block (Hadamard windows; else, if not Hadamard, a Haar block)."""
+        return id(factor) in self.window_signs
+
     @property
     def nbytes(self) -> int:
         owned = [f for f in self.factors if not self.is_hadamard(f)] + list(self.window_signs.values())
@@ -311,7 +315,7 @@ class Rotation:
             return None
         key = (transpose, x.dtype)
         if key not in self._cpu_plans:
-            usable = all(a.windows is None and all(f.shape[0] <= kron_cpu.MAX_FACTOR or id(f) in a.window_signs
+            usable = all(a.windows is None and all(f.shape[0] <= kron_cpu.MAX_FACTOR or a.is_odd_windows(f)
                                                      for f in a.factors)
                          for a in self.axes)
             plan = None
@@ -332,7 +336,7 @@ class Rotation:
         def digit(factor: torch.Tensor) -> tuple[int, torch.Tensor | None]:
             if axis.is_hadamard(factor):
                 return kron_cpu.HADAMARD, None
-            if id(factor) in axis.window_signs:  # the kernel runs the windows (backwards when transposed)
+            if axis.is_odd_windows(factor):  # the kernel runs the windows (backwards when transposed)
                 return kron_cpu.WINDOWS, cpu(axis.window_signs[id(factor)])
             return kron_cpu.DENSE, cpu(factor.T if transpose else factor)
 
@@ -476,7 +480,7 @@ def _hadamard_axis(size: int, generator: torch.Generator, device, dtype: torch.d
     hadamard_blocks = _hadamard_block_sizes(power_of_two)
     # The first power-of-two block is Haar: H D alone maps a one-hot gradient to a flat vector, which Adam's
     # per-coordinate normalisation treats like the one-hot itself (OrthoAdam would then take Adam's step).
-    haar = [haar_orthogonal(hadamard_blocks[0], generator).to(device=device, dtype=dtype)] if hadamard_blocks else []
+    haar = [haar_orthogonal(b, generator).to(device=device, dtype=dtype) for b in hadamard_blocks[:1]]
     hadamard = [_shared_hadamard(b, device, dtype) for b in hadamard_blocks[1:]]
     signs = _random_signs(size, generator).to(device=device, dtype=dtype)
     return _Axis(size, factors=odd + haar + hadamard, signs=signs, shared_factor_ids={id(h) for h in hadamard},

@@ -205,6 +205,14 @@ def resolve_config(config: dict | str) -> tuple[dict, RotationSpec | None]:
 # -------------------------------------------------------------------------------------------- rotated frame
 
 
+def _check_buildable(spec: RotationSpec, source: str) -> None:
+    """A checkpoint's recorded rotation scheme version must be one this release builds (RotationMismatchError)."""
+    try:
+        rotations.check_version(spec.version)
+    except rotations.RotationVersionError as error:
+        raise RotationMismatchError(f"{source}: {error}") from error
+
+
 class RotatedFrame:
     """The rotations of a model's trainable parameters, keyed like ``OrthoAdam(model.named_parameters())``."""
 
@@ -374,10 +382,7 @@ class OrthoAdamEngineHooks:
                 "values")
         if saved.version == self.frame.spec.version or module_only:
             return
-        try:
-            rotations.check_version(saved.version)
-        except rotations.RotationVersionError as error:
-            raise RotationMismatchError(f"checkpoint {load_path}: {error}") from error
+        _check_buildable(saved, f"checkpoint {load_path}")
         self.frame.adopt(saved)
         warnings.warn(f"checkpoint {load_path} was written with rotation scheme version {saved.version}: this run goes "
                       f"on with it (new runs use version {rotations.ROTATION_VERSION})", RuntimeWarning, stacklevel=3)
@@ -466,8 +471,5 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
     optimized = {name for group in saved["param_shapes"] for name in group}
     trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
     spec = RotationSpec(**saved[CLIENT_STATE_KEY])
-    try:
-        rotations.check_version(spec.version)
-    except rotations.RotationVersionError as error:
-        raise RotationMismatchError(f"{checkpoint_dir}: {error}") from error
+    _check_buildable(spec, checkpoint_dir)
     return RotatedFrame(trainable, spec).unrotate_state_dict(phi)
