@@ -42,6 +42,18 @@ def test_stream_and_validation_are_identical_to_the_text_source(pretokenized, co
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(text_batches, token_batches, strict=True))
 
 
+def test_files_and_globs_get_their_validation_split_not_a_copy_of_training(corpus, tokenizer_dir, tmp_path):
+    out = str(tmp_path / "from-glob")
+    assert main(["--data", f"{corpus['dir']}/c4-train.*.json.gz", "--tokenizer", tokenizer_dir, "--out", out]) == 0
+    assert [s["documents"] for s in read_index(f"{out}/validation")["shards"]] == [len(corpus["validation"])]
+    assert [s["documents"] for s in read_index(f"{out}/train")["shards"]] == [40, 40, 40]
+    explicit = str(tmp_path / "explicit")
+    first_train_shard = f"{corpus['dir']}/c4-train.00000-of-00003.json.gz"
+    assert main(["--data", f"{corpus['dir']}/c4-train.*.json.gz", "--val-data", first_train_shard,
+                 "--tokenizer", tokenizer_dir, "--out", explicit, "--splits", "validation"]) == 0
+    assert [s["documents"] for s in read_index(f"{explicit}/validation")["shards"]] == [40]
+
+
 def test_dtype_limits():
     assert choose_dtype(65536) == "uint16" and choose_dtype(65537) == "uint32"
     with pytest.raises(TokenizerError, match="beyond uint16.*--dtype uint32"):

@@ -49,6 +49,11 @@ def test_validation_is_derived_or_explicit(corpus, tmp_path):
     text.write_text("one paragraph\n")
     with pytest.raises(DataSourceError, match="pass the validation files with --val-data"):
         validation_source(str(text))
+    train_only = tmp_path / "train-only"
+    train_only.mkdir()
+    write_json_shard(str(train_only / "c4-train.00000-of-00001.json.gz"), ["x"])
+    with pytest.raises(DataSourceError, match="no c4-validation.* shards .*; pass the validation files with --val-data"):
+        validation_source(str(train_only))
     assert validation_source(str(text), val_data=str(text)).shards == (str(text),)
 
 
@@ -93,6 +98,41 @@ def test_non_utf8_bytes(tmp_path):
     text.write_bytes(b"caf\xe9\n")
     with pytest.raises(DataSourceError, match="is not UTF-8 text.*iconv"):
         list(resolve_source(str(text)).documents())
+
+
+def test_text_that_is_not_a_string_is_an_empty_document_or_fails_in_strict_mode(tmp_path):
+    good = [json.dumps({"text": f"document {i}"}) for i in range(8)]
+    plain = tmp_path / "numbers.jsonl"  # read by HF datasets, which passes the number through
+    plain.write_text("\n".join(good[:3] + [json.dumps({"text": 12345})] + good[3:]) + "\n")
+    recovered = tmp_path / "mixed.jsonl"  # a malformed line too: the whole file is re-read line by line
+    recovered.write_text("\n".join(good[:3] + [json.dumps({"text": [1, 2]})] + good[3:6] + ["{cut"] + good[6:]) + "\n")
+    expected = [f"document {i}" for i in range(3)] + [""] + [f"document {i}" for i in range(3, 8)]
+    for path, where in ((plain, "document 3"), (recovered, "line 4")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(resolve_source(str(path)).documents()) == expected  # the line keeps its index
+            assert list(resolve_source(str(path)).open_shard(0, start_doc=5)) == expected[5:]
+        assert any(f"with a 'text' that is not a string as empty documents; first at {where}" in str(w.message)
+                   for w in caught)
+        with pytest.raises(DataSourceError, match=f"{where} has a 'text' that is not a string"):
+            list(resolve_source(str(path), strict=True).documents())
+
+
+def test_corrupt_gzip_files_name_the_file(tmp_path):
+    texts = make_documents(400)
+    whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    truncated = tmp_path / "c4-train.00000-of-00001.json.gz"
+    truncated.write_bytes(whole[:len(whole) // 2])  # a valid start: only reading it finds the cut
+    with pytest.raises(DataSourceError, match=f"{truncated} cannot be decompressed.*truncated or corrupt"):
+        list(resolve_source(str(truncated)).documents())
+    plain = tmp_path / "plain.json.gz"
+    plain.write_text(json.dumps({"text": "not compressed"}) + "\n")
+    with pytest.raises(DataSourceError, match=f"{plain} is not a readable gzip file"):
+        resolve_source(str(plain))  # found at start-up, before any training
+    empty = tmp_path / "empty.json.gz"
+    empty.write_bytes(gzip.compress(b""))
+    with pytest.raises(DataSourceError, match=f"{empty} holds no data once decompressed"):
+        resolve_source(str(empty))
 
 
 def test_missing_text_field(tmp_path):

@@ -29,15 +29,15 @@ def first_documents(stream, tokenizer, count):
 
 def share_size(shard_sizes, rank, world_size, block):
     """Documents per epoch of one reader, counted independently of the stream's code."""
-    if len(shard_sizes) >= world_size:  # whole shards (all the same size here, so their order does not matter)
-        return sum(shard_sizes[rank::world_size])
+    if len(shard_sizes) >= world_size:  # whole shards, as many per reader (all the same size here)
+        return shard_sizes[0] * (len(shard_sizes) // world_size)
     return sum(len(range(rank, min(block, size - start), world_size))
                for size in shard_sizes for start in range(0, size, block))
 
 
-@pytest.mark.parametrize("world_size,shuffle_block", [(1, 4096), (2, 7), (4, 16)])
+@pytest.mark.parametrize("world_size,shuffle_block", [(1, 4096), (3, 7), (4, 16)])
 def test_ranks_cover_every_document_once_per_epoch(corpus, tokenizer, world_size, shuffle_block):
-    # 3 shards: world 2 shares whole shards unevenly, world 4 splits documents inside shards.
+    # 3 shards: worlds 1 and 3 share whole shards, world 4 splits documents inside shards.
     expected = [tuple(ids) for ids in encode_documents(tokenizer, [d for shard in corpus["train"] for d in shard])]
     sizes = [len(shard) for shard in corpus["train"]]
     seen = []
@@ -46,6 +46,22 @@ def test_ranks_cover_every_document_once_per_epoch(corpus, tokenizer, world_size
                              shuffle_block=shuffle_block)
         seen += first_documents(stream, tokenizer, share_size(sizes, rank, world_size, shuffle_block))
     assert sorted(seen) == sorted(expected)  # no document twice, none missing, each one whole and in order
+
+
+def test_uneven_whole_shards_leave_some_out_rather_than_serve_documents_twice(corpus, tokenizer):
+    # 3 shards, 2 ranks: one shard each per epoch. Had rank 0 read two, rank 1 (consuming in lockstep) would wrap
+    # into its next epoch after one shard and serve documents a second time while the third shard was still unread.
+    shards = [sorted(tuple(ids) for ids in encode_documents(tokenizer, shard)) for shard in corpus["train"]]
+    per_shard = len(shards[0])
+    with pytest.warns(UserWarning, match="3 shards over 2 readers.*leaves out 1 shards"):
+        TrainStream(corpus["dir"], tokenizer, SEQ_LEN, BATCH, 0, 2, seed=3)
+    streams = [TrainStream(corpus["dir"], tokenizer, SEQ_LEN, BATCH, rank, 2, seed=3) for rank in range(2)]
+    read = [first_documents(stream, tokenizer, 2 * per_shard + 5) for stream in streams]
+    for epoch in range(2):
+        parts = [sorted(docs[epoch * per_shard:(epoch + 1) * per_shard]) for docs in read]
+        assert all(part in shards for part in parts) and parts[0] != parts[1]  # whole shards, not the same one
+    assert [stream.state_dict()["positions"]["0"]["cursor"][0] for stream in streams] == [2, 2]  # in step
+
 
 
 def test_shuffling_depends_on_seed_and_is_reproducible(corpus, tokenizer):
@@ -141,6 +157,10 @@ def test_too_little_data_for_the_readers_fails_clearly(tmp_path, tokenizer):
         next(iter(TrainStream(one_doc, tokenizer, SEQ_LEN, BATCH, rank=1, world_size=2)))
     with pytest.raises(DataSourceError, match="less than one sequence"):
         next(iter(TrainStream(one_doc, tokenizer, 4096, BATCH)))
+    # Many empty documents (no tokens, not even an EOS: packing drops them) are no data either; this used to hang.
+    empty = write_json_shard(str(tmp_path / "empty-texts.jsonl"), [""] * 200)
+    with pytest.raises(DataSourceError, match="holds only 0 tokens per epoch"):
+        next(iter(TrainStream(empty, tokenizer, SEQ_LEN, BATCH)))
 
 
 def _two_rank_worker(rank, directory, tokenizer, consumed, init_file, out_file):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ds_orthoadam.cli_errors import report_error
 from .errors import DataError, DataSourceError, TokenizerError
-from .sources import DataSource, resolve_source
+from .sources import DataSource, resolve_source, validation_source
 from .tokenizer import encode_documents, load_tokenizer
 
 INDEX_FILE = "index.json"
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ds_orthoadam.data.pretokenize",
                                      description="Pre-tokenise a source into memory-mapped token shards.")
     parser.add_argument("--data", required=True, help="source: c4, a directory of C4 shards, files or globs")
+    parser.add_argument("--val-data", default=None,
+                        help="validation source (default: derived from --data as training does: its validation "
+                        "split, or the c4-validation.* files next to c4-train.* files)")
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer directory or tokenizer.model")
     parser.add_argument("--out", required=True, help="output directory; gets train/ and validation/")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], choices=["train", "validation"])
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for split in args.splits:
-            source = resolve_source(args.data, split, strict=args.strict_data)
+            source = (resolve_source(args.data, "train", strict=args.strict_data) if split == "train" else
+                      validation_source(args.data, args.val_data, strict=args.strict_data))
             index = pretokenize(source, args.tokenizer, os.path.join(args.out, split), args.dtype, args.workers,
                                 args.max_shards)
             total = sum(shard["num_tokens"] for shard in index["shards"])

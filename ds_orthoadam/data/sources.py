@@ -15,7 +15,9 @@ resumed stream reads only the shard it stopped in.
 from __future__ import annotations
 
 import glob
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Literal
@@ -169,11 +171,12 @@ def _resolve_directory(directory: str, split: Split, strict: bool) -> DataSource
     shards = [path for path in candidates if path.endswith(JSON_SUFFIXES)]
     if not shards:
         present = sorted(os.listdir(directory))[:10]
+        fix = ("pass the validation files with --val-data" if split == "validation" else
+               f"name the files explicitly (--data '{directory}/*.json.gz'), rename them "
+               f"c4-train.NNNNN-of-NNNNN.json.gz, or run make demo-data for a demo corpus")
         raise DataSourceError(
             f"directory {directory} has no c4-{split}.* shards (*.json, *.json.gz, *.jsonl) and no "
-            f"{split}/index.json (found: {', '.join(present) or 'nothing'}). Name the files explicitly "
-            f"(--data '{directory}/*.json.gz'), rename them c4-{split}.NNNNN-of-NNNNN.json.gz, or run "
-            f"make demo-data for a demo corpus"
+            f"{split}/index.json (found: {', '.join(present) or 'nothing'}); {fix}"
         )
     _check_not_empty(shards)
     return DataSource(f"{directory} ({split})", "json", tuple(shards), strict)
@@ -214,6 +217,18 @@ def _file_kind(path: str) -> Literal["json", "text"]:
 
 
 def _check_not_empty(paths: list[str]) -> None:
+    """Fail at start-up, not when training reaches the file: empty files, and compressed files that hold nothing
+    or are not gzip at all (a truncated end can only be found by reading the whole file: see readers)."""
     for path in paths:
         if os.path.getsize(path) == 0:
             raise DataSourceError(f"{path} is empty (0 bytes); remove it from --data or regenerate it")
+        if path.endswith(".gz"):
+            try:
+                with gzip.open(path, "rb") as handle:
+                    empty = not handle.read(1)
+            except (OSError, EOFError, zlib.error) as error:
+                raise DataSourceError(f"{path} is not a readable gzip file ({error}); download or generate it "
+                                      f"again, or remove it from --data") from error
+            if empty:
+                raise DataSourceError(f"{path} holds no data once decompressed; remove it from --data or "
+                                      f"regenerate it")

@@ -4,8 +4,12 @@ Order of documents. Each epoch permutes the shards (seed, epoch). Every reader (
 DataLoader worker: ``reader = rank * num_workers + worker``) then owns either whole shards (``shards[reader::R]``,
 when there are at least R = world_size * num_workers shards, as with C4's 1024) or, with fewer shards, every R-th
 document of each shard. Inside a shard, documents are shuffled within blocks of ``shuffle_block`` documents
-(permutation seeded by seed, epoch, shard, block). Readers therefore never overlap and together cover every
-document once per epoch.
+(permutation seeded by seed, epoch, shard, block). Readers never overlap.
+
+Whole shards go out in equal numbers: the last ``num_shards % R`` shards of an epoch's permutation are left out of
+that epoch (a different few each epoch), like ``DistributedSampler(drop_last=True)``. Ranks consume batches in
+lockstep, so a reader with one shard more would still be in epoch e while the others had wrapped into epoch e + 1
+and were serving documents a second time. With fewer shards than readers every document is read once per epoch.
 
 Resume. A reader's position is ``cursor = [epoch, unit, block, doc]`` (its unit = shard in this epoch, the block
 in that shard, the document in its share of the block) plus the tokens of that document already used. Restoring
@@ -15,6 +19,7 @@ pre-tokenised shard seeks directly), so the cost does not grow with the number o
 from __future__ import annotations
 
 import os
+import warnings
 from itertools import count, islice
 from typing import Any, Iterator
 
@@ -37,7 +42,7 @@ def epoch_units(num_shards: int, reader: int, num_readers: int, seed: int, epoch
     """This reader's work in ``epoch``: ``(shard, first document, document step)`` per unit, in reading order."""
     order = np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
     if num_shards >= num_readers:
-        return [(shard, 0, 1) for shard in order[reader::num_readers]]
+        return [(shard, 0, 1) for shard in order[:num_shards - num_shards % num_readers][reader::num_readers]]
     return [(shard, reader, num_readers) for shard in order]
 
 
@@ -95,7 +100,7 @@ def checked_epochs(documents: Iterator[tuple[Any, Any]], seq_len: int, describe:
                     f"use more data, a shorter --seq-len, or fewer ranks / loader workers"
                 )
             epoch, tokens, check = cursor[0], 0, epoch is not None or not started_mid_epoch
-        tokens += len(ids) + 1
+        tokens += len(ids) + 1 if len(ids) else 0  # cut_sequences drops empty documents, EOS included
         yield cursor, ids
 
 
@@ -156,6 +161,12 @@ class TrainStream:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         source = resolve_source(source, "train", strict) if isinstance(source, str) else source
         _check_token_source(source, tokenizer)
+        readers = world_size * max(num_workers, 1)
+        if rank == 0 and source.num_shards > readers and source.num_shards % readers:
+            warnings.warn(f"{source.name}: {source.num_shards} shards over {readers} readers (ranks x loader "
+                          f"workers): every epoch leaves out {source.num_shards % readers} shards (a different few "
+                          f"each epoch) so that each reader gets {source.num_shards // readers}; use a number of "
+                          f"readers that divides {source.num_shards} to read them all", stacklevel=2)
         self.config = _StreamConfig(source, tokenizer, seq_len, micro_batch_size, rank, world_size, num_workers,
                                     seed, mode, shuffle_block)
         self.positions: dict[int, dict] = {}
