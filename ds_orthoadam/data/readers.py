@@ -75,8 +75,9 @@ def iter_json_documents(path: str, start: int = 0, strict: bool = False) -> Iter
         for batch in dataset.select_columns(["text"]).skip(start).iter(batch_size=READ_BATCH):
             for text in batch["text"]:
                 yielded += 1
-                yield text if isinstance(text, str) else "" if text is None else non_strings.empty_document(
-                    f"document {start + yielded - 1}", text)
+                if text is not None and not isinstance(text, str):
+                    text = non_strings.empty_document(f"document {start + yielded - 1}", text)
+                yield text or ""
         non_strings.warn()
     except ConnectionError as error:
         raise _connection_hint(path, error) from error
