@@ -5,6 +5,7 @@ Layout of an output directory::
     run.json                         what this run is (model, attention, optimiser, data, ...): written once
     checkpoints/global_step<N>/      DeepSpeed's files for step N (+ ds_orthoadam_complete.json once complete)
     checkpoints/latest               tag of the newest complete checkpoint (DeepSpeed's own pointer file)
+    checkpoints/superseded/<tag>/    newer checkpoints set aside when a run resumed from an older tag (deletable)
 
 Why not ``engine.save_checkpoint(save_latest=True)``: in DeepSpeed 0.19.8 rank 0 writes ``latest`` as soon as *its
 own* files are written, before the closing barrier, i.e. possibly while other ranks are still writing their ZeRO
@@ -34,6 +35,7 @@ import torch.distributed as dist
 CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "run.json"
 COMPLETE_MARKER = "ds_orthoadam_complete.json"
+SUPERSEDED_SUBDIR = "superseded"  # checkpoints abandoned by resuming from an older tag; never a tag (TAG_PATTERN)
 CLIENT_STATE_KEY = "ds_orthoadam"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
@@ -132,11 +134,12 @@ class CheckpointManager:
         """
         run_file = self.output_dir / RUN_FILE
         recorded = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
-        has_checkpoints = self.holds_checkpoints()
+        if self.holds_checkpoints() and recorded is None:
+            raise CheckpointError(f"{self.output_dir} holds checkpoints but no {RUN_FILE}: they belong to another "
+                                  "program or run; choose a new --output-dir")
+        # Only complete checkpoints are worth protecting: incomplete ones are removed below anyway.
+        has_checkpoints = bool(self.complete_tags())
         if has_checkpoints:
-            if recorded is None:
-                raise CheckpointError(f"{self.output_dir} holds checkpoints but no {RUN_FILE}: they belong to another "
-                                      "program or run; choose a new --output-dir")
             differences = {key: (recorded.get(key), value) for key, value in identity.items()
                            if recorded.get(key) != value}
             if differences:
@@ -152,9 +155,12 @@ class CheckpointManager:
         _barrier()  # everyone has read the directory before rank 0 changes it
         if _is_rank0():
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if not has_checkpoints:  # a run that never reached its first checkpoint leaves nothing to protect
+            if not has_checkpoints:  # a run that never completed its first checkpoint leaves nothing to protect
                 _atomic_write(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")
             self._remove_incomplete()
+            if tag is not None:
+                self._supersede_newer_than(tag)
+                _atomic_write(self.checkpoint_dir / "latest", tag)
         _barrier()
         return tag
 
@@ -176,6 +182,26 @@ class CheckpointManager:
                 print(f"[checkpoint] removing incomplete checkpoint {path} (its save was interrupted)", flush=True)
                 shutil.rmtree(path)
 
+    def _supersede_newer_than(self, tag: str) -> None:
+        """Move complete checkpoints newer than ``tag`` (the one this run resumes from) to ``superseded/``.
+
+        Resuming from an older tag abandons the newer ones: left in place, they would outrank this run's own
+        checkpoints (keep-last pruning, ``latest``, the export, the next ``--resume auto``). They are moved, not
+        deleted, because a mistaken ``--resume`` must not destroy the work they hold.
+        """
+        step = int(TAG_PATTERN.match(tag).group(1))
+        superseded = self.checkpoint_dir / SUPERSEDED_SUBDIR
+        for newer_step, path in self._tag_dirs():
+            if newer_step <= step or not (path / COMPLETE_MARKER).is_file():
+                continue
+            superseded.mkdir(exist_ok=True)
+            target, suffix = superseded / path.name, 1
+            while target.exists():
+                target, suffix = superseded / f"{path.name}.{suffix}", suffix + 1
+            path.rename(target)
+            print(f"[checkpoint] resuming from {tag}: moved the newer checkpoint {path.name} to {target} (no longer "
+                  "part of this run; delete it if you do not need it)", flush=True)
+
     # ------------------------------------------------------------------ save / load
 
     def save(self, engine, step: int, shared_state: dict, rank_state: dict) -> str:
@@ -186,6 +212,9 @@ class CheckpointManager:
         """
         tag = tag_for_step(step)
         client_state = {CLIENT_STATE_KEY: {**shared_state, "per_rank": _gather(rank_state)}}
+        if _is_rank0():  # a tag saved again is invisible until the new save completes (not complete with old files)
+            (self.checkpoint_dir / tag / COMPLETE_MARKER).unlink(missing_ok=True)
+        _barrier()
         engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
         _barrier()  # every rank's files are on disk: only now may the checkpoint become visible
         if _is_rank0():
@@ -199,7 +228,14 @@ class CheckpointManager:
 
     def load(self, engine, tag: str) -> tuple[dict, dict]:
         """Load checkpoint ``tag`` into ``engine``: (shared state, this rank's state)."""
-        load_path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        try:
+            load_path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        except (OSError, RuntimeError, KeyError) as error:
+            others = [other for other in self.complete_tags() if other != tag]
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded ({reason}); resume "
+                                  f"from another complete checkpoint (--resume TAG: {', '.join(others) or 'none'}) "
+                                  "or start a new --output-dir") from error
         if load_path is None or CLIENT_STATE_KEY not in (client_state or {}):
             raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded or lacks the trainer "
                                   "state; resume from another tag (--resume TAG) or start a new --output-dir")

@@ -161,6 +161,70 @@ def test_resume_auto_takes_the_newest_complete_checkpoint_and_drops_incomplete_o
         manager.claim(identity, "global_step30")
 
 
+class _FakeEngine:
+    """Stands in for a DeepSpeed engine: writes a file into the tag directory, or fails as told."""
+
+    def __init__(self, save_error: Exception | None = None, load_error: Exception | None = None) -> None:
+        self.save_error, self.load_error = save_error, load_error
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"new")
+        if self.save_error is not None:
+            raise self.save_error
+
+    def load_checkpoint(self, load_dir: str, tag: str):
+        raise self.load_error
+
+
+def test_resuming_an_older_tag_moves_the_newer_ones_aside_and_prunes_only_this_run(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    identity = {"model_args": {"name": "llama-tiny"}}
+    manager.claim(identity, "none")
+    for step in (2, 4, 6):
+        _fake_checkpoint(manager, step, complete=True)
+    _fake_checkpoint(manager, 8, complete=False)
+    earlier = manager.checkpoint_dir / "superseded" / "global_step6"  # set aside by an earlier mistaken resume
+    earlier.mkdir(parents=True)
+    assert manager.claim(identity, "global_step4") == "global_step4"
+    moved = manager.checkpoint_dir / "superseded" / "global_step6.1"
+    assert (moved / COMPLETE_MARKER).is_file() and earlier.is_dir()
+    assert f"moved the newer checkpoint global_step6 to {moved}" in capsys.readouterr().out
+    assert manager.complete_tags() == ["global_step2", "global_step4"]
+    assert (manager.checkpoint_dir / "latest").read_text() == "global_step4"
+    manager.save(_FakeEngine(), 5, {}, {})
+    assert manager.complete_tags() == ["global_step5"]
+    assert (manager.checkpoint_dir / "latest").read_text() == "global_step5"
+    assert (moved / COMPLETE_MARKER).is_file()  # pruning never looks inside superseded/
+
+
+def test_a_save_over_an_existing_tag_is_not_complete_until_it_finishes(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    _fake_checkpoint(manager, 4, complete=True)
+    with pytest.raises(OSError, match="disk full"):
+        manager.save(_FakeEngine(save_error=OSError("disk full")), 4, {}, {})
+    assert manager.complete_tags() == []
+
+
+def test_a_checkpoint_that_fails_to_load_names_the_other_tags(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (2, 4):
+        _fake_checkpoint(manager, step, complete=True)
+    missing = FileNotFoundError(2, "No such file or directory", "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"global_step4 could not be loaded \(FileNotFoundError: .*zero_pp_rank_1"
+                                              r".*--resume TAG: global_step2\)"):
+        manager.load(_FakeEngine(load_error=missing), "global_step4")
+
+
+def test_a_directory_with_only_incomplete_checkpoints_is_a_fresh_start(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.claim({"model_args": {"name": "llama-tiny"}}, "none")
+    crashed = _fake_checkpoint(manager, 10, complete=False)  # killed during its first save
+    manager.claim({"model_args": {"name": "llama-60m"}}, "none")
+    assert not crashed.exists()
+    assert '"llama-60m"' in (tmp_path / "run.json").read_text()
+
+
 def test_flops_per_token_counts_every_matmul_weight_once():
     seq_len = 64
     for name in ("llama-tiny", "gpt2-tiny"):

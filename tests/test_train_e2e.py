@@ -176,6 +176,26 @@ def test_rerunning_a_finished_run_only_exports_again(reference_run, corpus, tmp_
     assert (rerun / "hf" / "model.safetensors").exists()
 
 
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(reference_run, corpus, tmp_path):
+    """--resume global_step4 in a directory that also holds global_step6: step 6 belongs to the abandoned branch, so
+    it must neither outrank this run's step 5 (keep-last pruning, latest, export) nor be lost."""
+    rerun = tmp_path / reference_run.name
+    shutil.copytree(reference_run, rerun)
+    returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--train-steps", "5", "--resume",
+                                "global_step4", "--keep-checkpoints", "1", "--outlier-every", "0")
+    assert returncode == 0, output
+    checkpoints = rerun / "checkpoints"
+    assert complete_tags(rerun) == ["global_step5"] and (checkpoints / "latest").read_text() == "global_step5"
+    assert (checkpoints / "superseded" / "global_step6" / COMPLETE_MARKER).is_file()
+    assert "moved the newer checkpoint global_step6" in output
+    from safetensors.torch import load_file
+
+    exported = load_file(rerun / "hf" / "model.safetensors")
+    module = torch.load(checkpoints / "global_step5" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    assert exported.keys() <= module.keys() and all(torch.equal(exported[k], module[k]) for k in exported)
+
+
 def test_tensorboard_event_files_hold_the_listed_tags(reference_run):
     events = tensorboard_scalars(reference_run)
     tags = set(events.Tags()["scalars"])
