@@ -13,7 +13,9 @@ fails loudly there instead of silently training in the wrong frame (or logging a
    and the module from the checkpoint's module weights, without copying one into the other;
 3. that the inner optimiser of a ZeRO/bf16 wrapper is ``engine.optimizer.optimizer`` (for the memory report);
 4. the names DeepSpeed resolves for ``"optimizer": {"type": ...}`` (``DEEPSPEED_OPTIMIZERS`` or ``torch.optim``);
-5. the checkpoint layout read by the weight export: ``client_state`` is merged into ``mp_rank_00_model_states.pt``;
+5. the checkpoint layout read by the weight export: ``client_state`` and the module weights are in
+   ``mp_rank_00_model_states.pt``, where stage 0 also keeps the optimizer state (ZeRO 1/2 and bf16 write
+   ``*_optim_states.pt`` files instead);
 6. in which configurations DeepSpeed leaves every ``p.grad`` to accumulate over the micro-batches of a step and
    reduces it only on the boundary micro-batch (ZeRO stage 0, and stage 1 without ``overlap_comm`` when gradients
    accumulate in the parameter dtype): there no DeepSpeed gradient hook consumes ``p.grad`` early;
@@ -137,13 +139,26 @@ def run_before_boundary_reduction(engine: "deepspeed.DeepSpeedEngine", callback:
     engine.allreduce_gradients = allreduce_gradients
 
 
+def _tag_or_latest(checkpoint_dir: str, tag: str | None) -> str:
+    if tag is not None:
+        return tag
+    with open(os.path.join(checkpoint_dir, "latest"), encoding="utf-8") as latest:
+        return latest.read().strip()
+
+
 def checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict:
-    """The dict saved in a DeepSpeed checkpoint's model-states file (``client_state`` keys live at its top level)."""
-    if tag is None:
-        with open(os.path.join(checkpoint_dir, "latest"), encoding="utf-8") as latest:
-            tag = latest.read().strip()
-    return torch.load(get_model_state_file(os.path.join(checkpoint_dir, tag), zero_stage=2),
-                      map_location="cpu", weights_only=False)
+    """The dict saved in a DeepSpeed checkpoint's model-states file (``client_state`` keys live at its top level;
+    the module's weights under ``"module"``)."""
+    return torch.load(get_model_state_file(os.path.join(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)),
+                                           zero_stage=2), map_location="cpu", weights_only=False)
+
+
+def weights_only_in_model_states(checkpoint_dir: str, tag: str | None, saved: dict) -> bool:
+    """Whether ``zero_to_fp32`` has nothing to read in a checkpoint (``saved``: its model-states dict): ZeRO stage 0,
+    whose optimizer state is in the model-states file (``saved["optimizer"]``, None under ZeRO 1/2), without
+    ``*_optim_states.pt`` files (bf16 writes them at stage 0 too). A ZeRO 1/2 checkpoint that lost them is not."""
+    partitions = Path(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)).glob("*_optim_states.pt")
+    return saved.get("optimizer") is not None and not any(partitions)
 
 
 def skip_shm_comm_build() -> None:

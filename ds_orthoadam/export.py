@@ -38,7 +38,12 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str, config: PreTr
                       out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, tokenizer files) from checkpoint ``tag``."""
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state_dict = export_fp32_state_dict(str(checkpoint_dir), tag)  # real theta, also for OrthoAdam's rotated frame
+    try:
+        state_dict = export_fp32_state_dict(str(checkpoint_dir), tag)  # real theta, also for OrthoAdam's rotated frame
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise ExportError(f"checkpoint {Path(checkpoint_dir) / tag} could not be read ({reason}); export another "
+                          "complete checkpoint (--tag) or check that its files were copied whole") from error
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [name for name in missing if name not in _tied_names(model)]
     if missing or unexpected:

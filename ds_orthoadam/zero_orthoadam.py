@@ -458,13 +458,16 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
 
 
 def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The real fp32 weights theta of a ZeRO-1/2 OrthoAdam checkpoint (``zero_to_fp32`` gives the rotated phi).
+    """The real fp32 weights theta of a checkpoint (for OrthoAdam, ``zero_to_fp32`` gives the rotated phi).
 
     Works on the CPU, without DeepSpeed processes, from the checkpoint files alone: the rotations are regenerated
-    from the spec recorded in the checkpoint and the parameter names. (At ZeRO stage 0 there is no fp32 partition
-    file: the checkpoint's module weights, like ``engine.module.state_dict()``, are already theta.)
+    from the spec recorded in the checkpoint and the parameter names. At ZeRO stage 0 (fp32 or fp16) there is no
+    optimizer partition file for ``zero_to_fp32`` to read: the checkpoint's module weights, like
+    ``engine.module.state_dict()``, are already theta and are returned as fp32 (under fp16 they carry its rounding).
     """
     saved = ds_internals.checkpoint_client_state(checkpoint_dir, tag)
+    if ds_internals.weights_only_in_model_states(checkpoint_dir, tag, saved):
+        return {name: tensor.float() for name, tensor in saved["module"].items()}
     phi = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     if CLIENT_STATE_KEY not in saved:
         return phi  # not an OrthoAdam checkpoint: DeepSpeed's weights are already real

@@ -195,6 +195,24 @@ def test_export_gives_real_weights_not_rotated_frame(runs, family):
     assert max_abs_diff(rotated, theta) > 1e-2
 
 
+def test_stage0_export_gives_the_engines_real_weights(tmp_path):
+    """ZeRO stage 0 writes no optimizer partition files (zero_to_fp32 fails on it): the export takes the module."""
+    engine = _one_rank_engine(ds_config(stage=0))
+    _train(engine, range(1, 3))
+    engine.save_checkpoint(str(tmp_path), tag="s0")
+    theta = {name: tensor.detach().clone() for name, tensor in engine.module.state_dict().items()}
+    assert max_abs_diff(export_fp32_state_dict(str(tmp_path), tag="s0"), theta) == 0
+
+
+def test_export_of_an_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    from ds_orthoadam.export import ExportError, export_checkpoint
+
+    _one_rank_engine(ds_config(stage=1)).save_checkpoint(str(tmp_path), tag="t")
+    next((tmp_path / "t").glob("*optim_states.pt")).unlink()  # a copy that lost a shard
+    with pytest.raises(ExportError, match=r"^checkpoint .*t could not be read \(FileNotFoundError: [^\n]*$"):
+        export_checkpoint(tmp_path, "t", tiny_model("llama").config, tokenizer=None, out_dir=tmp_path / "hf")
+
+
 # ------------------------------------------------------------------------------------------- config errors
 
 
