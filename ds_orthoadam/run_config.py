@@ -144,6 +144,15 @@ def optimizer_type(config: dict) -> str:
     return optimizer["type"]
 
 
+def section(config: dict, name: str) -> dict:
+    """The config's ``name`` section ({} when absent), which must be a JSON object (``--set fp16=true`` is not)."""
+    value = config.get(name, {})
+    if not isinstance(value, dict):
+        raise RunConfigError(f"{name} must be a JSON object in the DeepSpeed config, e.g. --set {name}.enabled=true, "
+                             f"got {value!r}")
+    return value
+
+
 def validate(config: dict, world_size: int) -> None:
     """Every check the trainer relies on: batch arithmetic, scheduler, optimiser, explicit clipping and fp16 scale."""
     gradient_accumulation_steps(config, world_size)
@@ -151,7 +160,7 @@ def validate(config: dict, world_size: int) -> None:
     optimizer_type(config)
     if "gradient_clipping" not in config:
         raise RunConfigError("gradient_clipping must be set explicitly (DeepSpeed 0.19 silently defaults it to 1.0)")
-    fp16 = config.get("fp16", {})
+    fp16 = section(config, "fp16")
     if fp16.get("enabled") and "initial_scale_power" not in fp16:
         raise RunConfigError("fp16.initial_scale_power must be set explicitly (DeepSpeed otherwise starts the "
                              "dynamic loss scale at 2^32 instead of the documented 2^16)")
@@ -163,6 +172,6 @@ def with_run_monitors(config: dict, run_dir: str | os.PathLike) -> dict:
     (a resume truncates both to the checkpoint's step, so they must belong to the run)."""
     run_dir = Path(run_dir)
     monitors = {"tensorboard": {"enabled": True, "output_path": str(run_dir / "tensorboard"), "job_name": run_dir.name}}
-    if config.get("csv_monitor", {}).get("enabled"):
+    if section(config, "csv_monitor").get("enabled"):
         monitors["csv_monitor"] = {"output_path": str(run_dir / "csv"), "job_name": run_dir.name}
     return deep_merge(config, monitors)

@@ -37,6 +37,7 @@ from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import ExportError, export_checkpoint
 from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, ModelConfigError, build_model
 from ds_orthoadam.telemetry import Telemetry, flops_per_token, peak_tflops_for_device
+from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError, RotationMismatchError
 
 EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="background processes that read and tokenise training data (0: in the training process)")
     data.add_argument("--seed", type=_count(0), default=0, help="seed for model init and data shuffling")
     schedule = parser.add_argument_group("schedule")
-    schedule.add_argument("--train-steps", type=_count(0), default=None,
+    schedule.add_argument("--train-steps", type=_count(1), default=None,
                           help="optimiser steps to train to (default: the scheduler's total_num_steps)")
     schedule.add_argument("--log-every", type=_count(1), default=10, help="steps between progress lines / TensorBoard")
     schedule.add_argument("--eval-every", type=_count(0), default=1000,
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(args, ds_config)
         trainer.run()
         trainer.finish()
-    except (CheckpointError, DataError, ModelConfigError, ExportError) as error:
+    except (CheckpointError, DataError, ModelConfigError, ExportError, DeepSpeedConfigError,
+            RotationMismatchError) as error:
         exit_code = _fail(str(error), EXIT_BAD_INPUT)
     except TrainingStopped as stopped:
         exit_code = _fail(str(stopped), stopped.exit_code)

@@ -4,18 +4,21 @@
 #   HOSTFILE=launch/hostfile MASTER_ADDR=node1 launch/train_multi_node.sh MODEL [ds-orthoadam-train options...]
 #
 # Requirements: passwordless ssh from this node to every host; the repository and its .venv at the same path on
-# every node; --output-dir on a filesystem all nodes share (checkpoints are written by every rank).
+# every node; --output-dir on a filesystem all nodes share (checkpoints are written by every rank). Every rank runs
+# in the directory the script is started from (it must exist on every node), so relative paths mean what they mean
+# there.
 # The hostfile lists "HOST slots=8" per node (launch/hostfile.example). MASTER_ADDR is the address of the first host
 # as the other nodes reach it; MASTER_PORT defaults to 29500. DS_LAUNCHER_ARGS holds further deepspeed launcher
 # options (e.g. "--ssh_port 2222" or "--launcher openmpi"), placed before the training module.
 #
 # Environment propagation: DeepSpeed exports PYTHON*, NCCL* and a few other variables to the remote ranks by itself;
-# everything else must be listed in .deepspeed_env (KEY=VALUE lines, read from the working directory). This script
-# writes ./.deepspeed_env from the current values of the variables named in DS_ENV_VARS (default below), so that the
-# remote ranks see the same Hugging Face cache/offline settings and PATH as this shell. Add your own, e.g.
-# DS_ENV_VARS="$DEFAULT_DS_ENV_VARS NCCL_SOCKET_IFNAME".
+# everything else must be listed in a .deepspeed_env file (KEY=VALUE lines). This script writes the repository's
+# .deepspeed_env (and points DS_ENV_FILE at it) from the current values of the variables named in DS_ENV_VARS
+# (default below), so that the remote ranks see the same Hugging Face cache/offline settings and PATH as this shell.
+# Add your own, e.g. DS_ENV_VARS="$DEFAULT_DS_ENV_VARS NCCL_SOCKET_IFNAME".
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's ds_orthoadam (DeepSpeed exports PYTHON*)
 if [[ $# -lt 1 || "$1" == -* ]]; then
     echo "usage: HOSTFILE=FILE MASTER_ADDR=HOST $0 MODEL [ds-orthoadam-train options...]" >&2
     exit 2
@@ -26,15 +29,16 @@ fi
 model="$1"; shift
 
 DEFAULT_DS_ENV_VARS="PATH HF_HOME HF_DATASETS_CACHE HF_HUB_OFFLINE HF_DATASETS_OFFLINE TOKENIZERS_PARALLELISM OMP_NUM_THREADS"
-: > .deepspeed_env
+export DS_ENV_FILE="$repo/.deepspeed_env"  # the launcher reads this (absolute) path
+: > "$DS_ENV_FILE"
 for name in ${DS_ENV_VARS:-$DEFAULT_DS_ENV_VARS}; do
     if [[ -n "${!name:-}" ]]; then
-        echo "$name=${!name}" >> .deepspeed_env
+        echo "$name=${!name}" >> "$DS_ENV_FILE"
     fi
 done
-echo "propagating to all nodes via .deepspeed_env: $(cut -d= -f1 .deepspeed_env | tr '\n' ' ')" >&2
+echo "propagating to all nodes via $DS_ENV_FILE: $(cut -d= -f1 "$DS_ENV_FILE" | tr '\n' ' ')" >&2
 
-venv="${VENV:-.venv}"
+venv="${VENV:-$repo/.venv}"
 [[ "$venv" == /* ]] || venv="$PWD/$venv"  # remote nodes run the launcher by this path: make it absolute
 launcher="deepspeed"
 [[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed"

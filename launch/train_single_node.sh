@@ -5,16 +5,18 @@
 #   NUM_GPUS=8 MASTER_PORT=29500 launch/train_single_node.sh llama-130m --attention softmax1 --optimizer orthoadam \
 #       --data c4 --tokenizer data/tokenizer --output-dir runs/llama-130m
 #
-# Environment: NUM_GPUS (8), MASTER_PORT (29500; give concurrent runs distinct ports), VENV (.venv: its deepspeed
-# is used when present, else the one on PATH).
+# Environment: NUM_GPUS (8), MASTER_PORT (29500; give concurrent runs distinct ports), VENV (the repository's .venv:
+# its deepspeed is used when present, else the one on PATH).
+# Runs in the current directory: relative paths (--data, --tokenizer, --output-dir, ...) mean what they mean here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's ds_orthoadam, from any directory
 if [[ $# -lt 1 || "$1" == -* ]]; then
     echo "usage: $0 MODEL [ds-orthoadam-train options...]   (e.g. $0 llama-60m --data c4 ...)" >&2
     exit 2
 fi
 model="$1"; shift
-venv="${VENV:-.venv}"
+venv="${VENV:-$repo/.venv}"
 launcher="deepspeed"
 [[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed"
 exec "$launcher" --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" \

@@ -91,6 +91,13 @@ def test_fp16_without_initial_scale_power_is_refused():
         run_config.validate(config, PAPER_GPUS)
 
 
+@pytest.mark.parametrize("assignment", ["fp16=true", "csv_monitor=true"])
+def test_a_section_set_to_a_non_object_is_named(assignment, capsys, monkeypatch):
+    name = assignment.split("=")[0]
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--set", assignment, world_size="8")
+    assert status == 2 and f"error: {name} must be a JSON object in the DeepSpeed config" in err
+
+
 def _train_main(capsys, monkeypatch, *extra: str, world_size: str = "2") -> tuple[int, str]:
     """Exit status and stderr of the trainer's main() for input it must refuse before any process group exists."""
     from ds_orthoadam.train import main
@@ -109,6 +116,8 @@ def test_cli_rejects_bad_input_before_starting_anything(capsys, monkeypatch):
     assert status == 2 and "invalid choice: 'llama-7b'" in err
     status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--ds-config", "nope.json")
     assert status == 2 and "nope.json does not exist" in err
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--train-steps", "0")
+    assert status == 2 and "--train-steps: must be an integer >= 1, got 0" in err
     status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", world_size="3")
     assert status == 2 and "inconsistent batch arithmetic" in err
 

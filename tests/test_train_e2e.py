@@ -196,6 +196,23 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(reference_run, c
     assert exported.keys() <= module.keys() and all(torch.equal(exported[k], module[k]) for k in exported)
 
 
+def test_resuming_with_other_rotations_is_a_one_line_error(reference_run, corpus, tmp_path):
+    rerun = tmp_path / reference_run.name
+    shutil.copytree(reference_run, rerun)
+    returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--set", "optimizer.params.seed=1",
+                                "--resume", "auto", "--no-export")
+    assert returncode == 2, output
+    assert "error: checkpoint" in output and "set optimizer.params rotation/seed" in output
+    assert "Traceback" not in output
+
+
+def test_an_unknown_optimizer_type_is_a_one_line_error(corpus, tmp_path):
+    returncode, output = launch(corpus, tmp_path / "bad", "--set", "optimizer.type=AdamWW", "--no-export")
+    assert returncode == 2, output
+    assert "error: optimizer.type='AdamWW' is not an optimiser DeepSpeed knows" in output
+    assert "Traceback" not in output
+
+
 def test_tensorboard_event_files_hold_the_listed_tags(reference_run):
     events = tensorboard_scalars(reference_run)
     tags = set(events.Tags()["scalars"])
@@ -362,10 +379,10 @@ def test_make_train_target_trains_a_size_with_its_gpu_config(corpus, tmp_path):
     assert complete_tags(run_dir) == ["global_step2"]
 
 
-def _multi_node_script(env_overrides: dict, *args: str) -> subprocess.CompletedProcess:
+def _multi_node_script(env_overrides: dict, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "VENV": str(Path(sys.executable).parent.parent), **env_overrides}
-    return subprocess.run([str(REPO / "launch" / "train_multi_node.sh"), *args], env=env, cwd=REPO,
+    return subprocess.run([str(REPO / "launch" / "train_multi_node.sh"), *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -394,17 +411,20 @@ def test_multi_node_script_checks_its_settings_before_launching(tmp_path, keep_d
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
 
 
-def test_multi_node_script_launches_from_a_hostfile(corpus, tmp_path, keep_deepspeed_env):
-    """One host (localhost, 2 CPU slots) without the ssh check: the hostfile launch path and .deepspeed_env."""
+def test_multi_node_script_launches_from_a_hostfile_in_the_callers_directory(corpus, tmp_path, keep_deepspeed_env):
+    """One host (localhost, 2 CPU slots) without the ssh check: the hostfile launch path and .deepspeed_env, started
+    outside the repository with relative paths, which must mean what they mean in that directory."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    run_dir = tmp_path / "multi"
+    data = {name: os.path.relpath(path, tmp_path) for name, path in corpus.items()}
     result = _multi_node_script(
-        {"HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        {"HOSTFILE": "hostfile", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
          "DS_LAUNCHER_ARGS": "--no_ssh_check", "DS_ENV_VARS": "HF_HUB_OFFLINE OMP_NUM_THREADS UNSET_VARIABLE"},
-        "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"], "--tokenizer", corpus["tokenizer"],
+        "llama-tiny", "--data", data["train"], "--val-data", data["val"], "--tokenizer", data["tokenizer"],
         "--seq-len", str(SEQ_LEN), "--val-samples", "4", "--train-steps", "2", "--no-export", "--outlier-every", "0",
-        "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4", "--output-dir", str(run_dir))
+        "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4", "--output-dir", "multi",
+        cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert keep_deepspeed_env.read_text() == "HF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n"
-    assert "on 2 rank(s)" in result.stdout and complete_tags(run_dir) == ["global_step2"]
+    assert "on 2 rank(s)" in result.stdout and complete_tags(tmp_path / "multi") == ["global_step2"]
+    assert not (REPO / "multi").exists()
