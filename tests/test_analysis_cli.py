@@ -69,7 +69,7 @@ def test_cli_compares_two_models_in_json_markdown_and_plots(workspace):
         assert matplotlib.image.imread(out / f"{plot}.png").ndim == 3
 
 
-def _assert_tables_are_rectangular(markdown: str) -> None:
+def _assert_tables_are_rectangular(markdown: str, minimum: int = 4) -> None:
     """Every row of each Markdown table has as many cells as its header (a stray '|' would break it)."""
     tables, current = [], []
     for line in markdown.splitlines() + [""]:
@@ -78,7 +78,7 @@ def _assert_tables_are_rectangular(markdown: str) -> None:
         elif current:
             tables.append(current)
             current = []
-    assert len(tables) >= 4
+    assert len(tables) >= minimum
     for cells in tables:
         assert len(set(cells)) == 1, cells
 
@@ -155,3 +155,14 @@ def test_bad_data_and_options(workspace, capsys):
     assert _run(workspace, "--map-layer", "9", "--quant", "none") == 2
     assert "map layer 9 does not exist" in _error(capsys)
     assert not os.path.exists(workspace["root"] / "out" / "nothing")
+
+
+def test_only_w8a8_schemes_give_a_report_without_weight_only_table_or_bits_plot(workspace):
+    assert _run(workspace, "--quant", "w8a8-tensor,w8a8-token", models=("gpt2",), out="w8a8") == 0
+    out = workspace["root"] / "w8a8"
+    markdown = (out / "report.md").read_text()
+    _assert_tables_are_rectangular(markdown, minimum=3)  # outliers, W8A8, per layer
+    assert "| gpt2-softmax | W8A8 | per-tensor |" in markdown and "| gpt2-softmax | W8A8 | per-token |" in markdown
+    assert "### Weight-only" not in markdown
+    assert "## Plots" in markdown and "(kurtosis.png)" in markdown
+    assert "perplexity_vs_bits" not in markdown and not (out / "perplexity_vs_bits.png").exists()

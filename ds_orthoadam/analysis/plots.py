@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ds_orthoadam.analysis.report import weight_only_results  # noqa: E402
 from ds_orthoadam.analysis.runner import SampleMaps  # noqa: E402
 
 FULL_PRECISION_BITS = 16  # where full-precision perplexity sits on the bit-width axis
@@ -65,18 +66,17 @@ def _maps_figure(models: Sequence[dict], maps: Sequence[SampleMaps], kind: str):
 
 
 def _perplexity_vs_bits(models: Sequence[dict]):
-    labels = list(dict.fromkeys(r["weights"] for e in models for r in e["quantization"] if r["activations"] is None))
+    labels = list(dict.fromkeys(r["weights"] for e in models for r in weight_only_results(e)))
     figure, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.4), squeeze=False, sharey=True,
                              layout="constrained")
     for axis, label in zip(axes[0], labels):
         for index, entry in enumerate(models):
-            points = {r["bits"]: r["perplexity"] for r in entry["quantization"]
-                      if r["weights"] == label and r["activations"] is None}
+            points = {r["bits"]: r["perplexity"] for r in weight_only_results(entry) if r["weights"] == label}
             points[FULL_PRECISION_BITS] = entry["perplexity"]
             bits = sorted(points)
             axis.plot(bits, [points[b] for b in bits], marker="o", color=f"C{index}", label=entry["label"])
         axis.set_title(label, fontsize=9)
-        ticks = sorted({r["bits"] for e in models for r in e["quantization"]} | {FULL_PRECISION_BITS})
+        ticks = sorted({r["bits"] for e in models for r in weight_only_results(e)} | {FULL_PRECISION_BITS})
         axis.set_xscale("log", base=2)
         axis.set_xticks(ticks, [str(b) if b != FULL_PRECISION_BITS else "full" for b in ticks])
         axis.set_xlabel("weight bits")
@@ -99,6 +99,6 @@ def write_plots(out_dir: str, models: Sequence[dict], maps: Sequence[SampleMaps]
         _save(_maps_figure(models, maps, "attention"), out_dir, "attention_maps.png"),
         _save(_maps_figure(models, maps, "activations"), out_dir, "activation_map.png"),
     ]
-    if any(entry["quantization"] for entry in models):
+    if any(weight_only_results(entry) for entry in models):
         written.append(_save(_perplexity_vs_bits(models), out_dir, "perplexity_vs_bits.png"))
     return written

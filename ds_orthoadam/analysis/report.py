@@ -53,14 +53,18 @@ def outlier_table(models: Sequence[dict]) -> list[str]:
     return _table(header, rows)
 
 
+def weight_only_results(entry: dict) -> list[dict]:
+    """The model entry's quantisation results without activation quantisation (W8A8 excluded)."""
+    return [r for r in entry["quantization"] if r["activations"] is None]
+
+
 def weight_only_table(models: Sequence[dict]) -> list[str]:
     """One row per (model, weight quantiser); ppl and penalty per bit width."""
-    weight_only = [r for e in models for r in e["quantization"] if r["activations"] is None]
-    bit_widths = sorted({r["bits"] for r in weight_only}, reverse=True)
+    bit_widths = sorted({r["bits"] for e in models for r in weight_only_results(e)}, reverse=True)
     header = ["Model", "Weights"] + [f"W{bits} {column}" for bits in bit_widths for column in ("PPL", "penalty")]
     rows = []
     for entry in models:
-        results = [r for r in entry["quantization"] if r["activations"] is None]
+        results = weight_only_results(entry)
         for label in dict.fromkeys(r["weights"] for r in results):
             by_bits = {r["bits"]: r for r in results if r["weights"] == label}
             cells = []
@@ -104,10 +108,12 @@ def markdown_report(report: dict, plots: Sequence[str]) -> str:
     lines += ["", "## Attention sinks and outlier activations", ""] + outlier_table(models)
     lines += ["", DEFINITIONS_NOTE, ""]
     if any(e["quantization"] for e in models):
-        lines += ["## Quantisation (round-to-nearest)", "", "### Weight-only", ""] + weight_only_table(models)
+        lines += ["## Quantisation (round-to-nearest)", ""]
+        if any(weight_only_results(e) for e in models):
+            lines += ["### Weight-only", ""] + weight_only_table(models) + [""]
         if any(r["activations"] for e in models for r in e["quantization"]):
-            lines += ["", "### Weights and activations", ""] + activation_table(models)
-        lines += ["", FULL_PRECISION_NOTE, ""]
+            lines += ["### Weights and activations", ""] + activation_table(models) + [""]
+        lines += [FULL_PRECISION_NOTE, ""]
     lines += ["## Per layer", ""]
     for entry in models:
         lines += [f"### {entry['label']}", ""] + per_layer_table(entry) + [""]
