@@ -166,3 +166,16 @@ def test_only_w8a8_schemes_give_a_report_without_weight_only_table_or_bits_plot(
     assert "### Weight-only" not in markdown
     assert "## Plots" in markdown and "(kurtosis.png)" in markdown
     assert "perplexity_vs_bits" not in markdown and not (out / "perplexity_vs_bits.png").exists()
+
+
+def test_report_states_the_documents_actually_read(workspace):
+    with pytest.warns(UserWarning, match="has only 40 documents"):
+        assert _run(workspace, "--quant", "none", models=("gpt2",), samples="100000", out="few") == 0
+    report = json.loads((workspace["root"] / "few" / "analysis.json").read_text())
+    assert report["settings"]["samples"] == 100000 and report["models"][0]["data"]["documents"] == 40  # write_corpus
+    assert "40 documents (asked for 100000)" in (workspace["root"] / "few" / "report.md").read_text()
+    assert _run(workspace, "--quant", "none", models=("gpt2",), samples="12", out="enough") == 0
+    assert json.loads((workspace["root"] / "enough" / "analysis.json").read_text())["models"][0]["data"][
+        "documents"] == 12
+    markdown = (workspace["root"] / "enough" / "report.md").read_text()
+    assert "12 documents," in markdown and "asked for" not in markdown

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> str:
         tokenizer = load_matching_tokenizer(model, args.tokenizer or path)
         batches = validation_batches(source, tokenizer, args.seq_len, args.batch_size, args.samples, mode=args.mode)
         analysis = analyze_model(model, batches, schemes, args.map_layer, label, tokenizer.bos_token_id)
+        analysis.record["data"]["documents"] = batches.documents_read  # fewer than --samples if the source ends
         entries.append({"label": label, "path": os.path.abspath(path)} | analysis.record)
         maps.append(analysis.maps)
         write_report(args.out, report, [])  # keep finished models' numbers if a later model fails

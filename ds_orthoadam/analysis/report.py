@@ -97,13 +97,14 @@ def markdown_report(report: dict, plots: Sequence[str]) -> str:
     models = report["models"]
     settings = report["settings"]
     lines = ["# Outlier and quantisation analysis", "",
-             f"Data: `{settings['data']}`, {settings['samples']} documents, sequence length {settings['seq_len']}, "
-             f"{settings['mode']} mode (every sequence starts with BOS).", ""]
+             f"Data: `{settings['data']}`, sequence length {settings['seq_len']}, {settings['mode']} mode (every "
+             "sequence starts with BOS).", ""]
     for entry in models:
         d = entry["data"]
+        asked = f" (asked for {settings['samples']})" if d["documents"] < settings["samples"] else ""
         lines.append(f"- **{entry['label']}** (`{entry['path']}`, {entry['model']['class']}, attention "
-                     f"`{entry['model']['attention_implementation']}`): {d['sequences']} sequences, "
-                     f"{d['predicted_tokens']} predicted tokens, first token is BOS in "
+                     f"`{entry['model']['attention_implementation']}`): {d['documents']} documents{asked}, "
+                     f"{d['sequences']} sequences, {d['predicted_tokens']} predicted tokens, first token is BOS in "
                      f"{_percent(d['first_token_is_bos_fraction'])} of sequences.")
     lines += ["", "## Attention sinks and outlier activations", ""] + outlier_table(models)
     lines += ["", DEFINITIONS_NOTE, ""]
