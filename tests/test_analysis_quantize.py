@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from ds_orthoadam.analysis import AnalysisInputError
+from ds_orthoadam.analysis import AnalysisInputError, perplexity
 from ds_orthoadam.analysis.quantize import (
     QuantScheme,
     WeightQuantizer,
@@ -139,6 +139,50 @@ def test_activation_quantisation_per_tensor_and_per_token():
     assert np.allclose(per_tensor, _numpy_absmax(x.numpy().astype(np.float64), axis=None), atol=1e-5)
     # Per token keeps small tokens; per tensor flushes the 0.1-scale token to very few levels.
     assert np.unique(per_tensor[:, 2]).size < np.unique(per_token[:, 2]).size
+    # With a mask of real tokens, the per-tensor scale comes from those only (the 50-scale token is padding here).
+    valid = torch.tensor([[True, False, True, True, True], [True, True, True, False, False]])
+    real_absmax = np.abs(x.numpy()[valid.numpy()]).max()
+    scale = real_absmax / 127
+    expected = np.clip(np.round(x.numpy() / scale), -127, 127) * scale
+    assert np.allclose(quantize_activations(x, 8, "tensor", valid).numpy(), expected, atol=1e-5)
+    assert torch.equal(quantize_activations(x, 8, "token", valid), quantize_activations(x, 8, "token"))
+    with pytest.raises(AnalysisInputError, match="attention_mask"):
+        quantize_activations(x, 8, "tensor", valid[:, :4])
+
+
+def _real_token_w8a8_tensor_hook(valid: torch.Tensor):
+    """Reference W8A8 per-tensor input quantisation written out here: absmax over the real tokens only."""
+    def hook(module, args):
+        values = args[0].double()
+        scale = values[valid].abs().max() / 127
+        return ((torch.clamp(torch.round(values / scale), -127, 127) * scale).to(args[0].dtype),)
+
+    return hook
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_w8a8_per_tensor_perplexity_ignores_padding(name):
+    torch.manual_seed(3)
+    model = build_model(name, vocab_size=64, max_seq_len=32).eval()
+    embedding = model.get_input_embeddings()
+    model.get_output_embeddings().weight = torch.nn.Parameter(embedding.weight.detach().clone())  # untie GPT2's
+    with torch.no_grad():  # a pad id with a huge embedding: a scale taken over padding would swamp the real tokens
+        embedding.weight[63] *= 1000
+    ids = torch.randint(1, 60, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = mask[2, 8:] = 0
+    results = []
+    for pad_id in (0, 63):
+        batch = {"input_ids": ids.masked_fill(mask == 0, pad_id), "attention_mask": mask}
+        with quantized(model, scheme_by_name("w8a8-tensor")):
+            results.append(perplexity(model, [batch]))
+    with quantized(model, scheme_by_name("w8-sym-channel")) as layers:  # the weights of W8A8
+        handles = [layer.register_forward_pre_hook(_real_token_w8a8_tensor_hook(mask.bool()))
+                   for layer in layers.values()]
+        reference = perplexity(model, [{"input_ids": ids, "attention_mask": mask}])
+        for handle in handles:
+            handle.remove()
+    assert results[0] == pytest.approx(reference, rel=1e-5) and results[1] == pytest.approx(reference, rel=1e-5)
 
 
 def test_w8a8_quantises_the_inputs_of_every_quantised_layer():

@@ -14,7 +14,8 @@ Weight quantisers work on the [out, in] view of the weight, in groups:
   q = clamp(round(w / scale) + z, 0, 2^b - 1), w' = (q - z) * scale. A constant group is kept as it is.
 
 W8A8 adds 8-bit absmax fake quantisation of every quantised layer's input activations, with one dynamic scale per
-forward call (``tensor``) or per token (``token``); its weights are 8-bit symmetric per output channel.
+forward call (``tensor``, taken over the real tokens of the call's ``attention_mask``, so padding cannot change it) or
+per token (``token``); its weights are 8-bit symmetric per output channel.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
@@ -69,10 +71,10 @@ class WeightQuantizer:
         return restore(dequantised).to(weight.dtype)
 
 
-def absmax_round(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric RTN with one scale per slice along the last dimension (float32 in, float32 out)."""
+def absmax_round(values: torch.Tensor, bits: int, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric RTN (float32 in, float32 out) with the scale of ``absmax`` (default: each last-dimension slice's)."""
     levels = 2 ** (bits - 1) - 1
-    scale = values.abs().amax(dim=-1, keepdim=True) / levels
+    scale = (values.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice stays zero
     return torch.clamp(torch.round(values / scale), -levels, levels) * scale
 
@@ -103,14 +105,22 @@ def _to_groups(weight: torch.Tensor, granularity: str, group_size: int):
     return grouped, lambda result: result.reshape(rows, -1)[:, :cols]
 
 
-def quantize_activations(inputs: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
-    """Dynamic absmax fake quantisation of activations [..., features]: one scale per call or per token."""
+def quantize_activations(
+    inputs: torch.Tensor, bits: int, granularity: str, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dynamic absmax fake quantisation of activations [..., features]: one scale per call or per token.
+
+    ``valid`` (boolean, ``inputs.shape[:-1]``) marks the real tokens; the per-tensor scale is taken over those only,
+    so padding cannot change it.
+    """
     values = inputs.float()
-    if granularity == "tensor":
-        result = absmax_round(values.reshape(1, -1), bits).reshape(values.shape)
-    else:
-        result = absmax_round(values, bits)
-    return result.to(inputs.dtype)
+    if granularity == "token":
+        return absmax_round(values, bits).to(inputs.dtype)
+    if valid is not None and valid.shape != values.shape[:-1]:
+        raise AnalysisInputError(f"attention_mask shape {tuple(valid.shape)} does not match the layer input "
+                                 f"{tuple(values.shape)}; pass the batch's [batch, seq_len] attention_mask")
+    real = values if valid is None else values[valid]
+    return absmax_round(values, bits, real.abs().amax()).to(inputs.dtype)
 
 
 @dataclass(frozen=True)
@@ -184,8 +194,8 @@ def quantized(model: PreTrainedModel, scheme: QuantScheme) -> Iterator[dict[str,
             for module in layers.values():
                 view = _matrix_view(module)
                 view.copy_(scheme.weight(view))
-                if scheme.activation_granularity is not None:
-                    handles.append(module.register_forward_pre_hook(_activation_hook(scheme)))
+        if scheme.activation_granularity is not None:
+            handles = _activation_hooks(model, layers, scheme)
         yield layers
     finally:
         for handle in handles:
@@ -195,9 +205,22 @@ def quantized(model: PreTrainedModel, scheme: QuantScheme) -> Iterator[dict[str,
                 module.weight.data.copy_(originals[name])
 
 
-def _activation_hook(scheme: QuantScheme):
-    def hook(module, args):
-        return (quantize_activations(args[0], scheme.activation_bits, scheme.activation_granularity), *args[1:])
+def _activation_hooks(
+    model: PreTrainedModel, layers: dict[str, nn.Module], scheme: QuantScheme
+) -> list[RemovableHandle]:
+    """Quantise every layer's input; the real tokens are those of the ``attention_mask`` keyword that reaches the base
+    model (the transformer without its LM head; a model call passes its own mask on)."""
+    call: dict[str, torch.Tensor | None] = {"valid": None}
 
-    return hook
+    def remember_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        call["valid"] = None if mask is None else mask.bool()
+
+    def quantize_input(module: nn.Module, args: tuple) -> tuple:
+        quantised = quantize_activations(args[0], scheme.activation_bits, scheme.activation_granularity, call["valid"])
+        return (quantised, *args[1:])
+
+    return [model.base_model.register_forward_pre_hook(remember_mask, with_kwargs=True)] + [
+        layer.register_forward_pre_hook(quantize_input) for layer in layers.values()
+    ]
 
