@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import matplotlib.image
 import pytest
@@ -179,3 +181,9 @@ def test_report_states_the_documents_actually_read(workspace):
         "documents"] == 12
     markdown = (workspace["root"] / "enough" / "report.md").read_text()
     assert "12 documents," in markdown and "asked for" not in markdown
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "ds_orthoadam.analysis", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "ds-orthoadam-analyze" in result.stdout, result.stderr
