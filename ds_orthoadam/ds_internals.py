@@ -156,7 +156,7 @@ def checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict:
 def weights_only_in_model_states(checkpoint_dir: str, tag: str | None, saved: dict) -> bool:
     """Whether ``zero_to_fp32`` has nothing to read in a checkpoint (``saved``: its model-states dict): ZeRO stage 0,
     whose optimizer state is in the model-states file (``saved["optimizer"]``, None under ZeRO 1/2), without
-    ``*_optim_states.pt`` files (bf16 writes them at stage 0 too). A ZeRO 1/2 checkpoint that lost them is not."""
+    ``*_optim_states.pt`` files (fp32, fp16 and bf16 alike). A ZeRO 1/2 checkpoint that lost them is not."""
     partitions = Path(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)).glob("*_optim_states.pt")
     return saved.get("optimizer") is not None and not any(partitions)
 

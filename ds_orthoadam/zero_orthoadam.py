@@ -461,9 +461,10 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
     """The real fp32 weights theta of a checkpoint (for OrthoAdam, ``zero_to_fp32`` gives the rotated phi).
 
     Works on the CPU, without DeepSpeed processes, from the checkpoint files alone: the rotations are regenerated
-    from the spec recorded in the checkpoint and the parameter names. At ZeRO stage 0 (fp32 or fp16) there is no
+    from the spec recorded in the checkpoint and the parameter names. At ZeRO stage 0 (fp32, fp16 or bf16) there is no
     optimizer partition file for ``zero_to_fp32`` to read: the checkpoint's module weights, like
-    ``engine.module.state_dict()``, are already theta and are returned as fp32 (under fp16 they carry its rounding).
+    ``engine.module.state_dict()``, are already theta and are returned as fp32 (under fp16 or bf16 they carry that
+    rounding).
     """
     saved = ds_internals.checkpoint_client_state(checkpoint_dir, tag)
     if ds_internals.weights_only_in_model_states(checkpoint_dir, tag, saved):
