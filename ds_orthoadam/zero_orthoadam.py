@@ -445,11 +445,14 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # deepspeed.initialize refuses a config given twice
-    if model_parameters is not None:
-        model_parameters = list(model_parameters)  # read twice: by DeepSpeed and for the frame
+    stepped = None
+    if model_parameters is not None:  # read twice: by DeepSpeed and for the frame
+        model_parameters = [{**entry, "params": list(entry["params"])} if isinstance(entry, dict) else entry
+                            for entry in model_parameters]
+        # Before initialize: under ZeRO-1/2 DeepSpeed replaces each group's "params" by its flat partition.
+        stepped = _parameter_ids(model_parameters)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, model_parameters=model_parameters, config=ds_config, **kwargs)
-    stepped = _parameter_ids(model_parameters) if model_parameters is not None else None
     frame = RotatedFrame(((name, p) for name, p in engine.module.named_parameters()
                           if stepped is None or id(p) in stepped), spec)
     engine.orthoadam_frame = frame

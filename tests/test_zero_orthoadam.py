@@ -20,8 +20,10 @@ import torch
 import ds_orthoadam
 from ds_orthoadam.zero_orthoadam import (DeepSpeedConfigError, RotationMismatchError, export_fp32_state_dict,
                                          resolve_config)
-from zero_harness import (FP16, GRAD_ACCUM, STEPS, ds_config, init_single_rank_process_group, loss_of,
-                          max_abs_diff, micro_batch, reference_run, relative_update_error, tiny_model)
+from ds_orthoadam.orthoadam import OrthoAdam
+from zero_harness import (BETAS, CLIP, EPS, FP16, GRAD_ACCUM, LR, ROTATION, SEED, STEPS, WEIGHT_DECAY, ds_config,
+                          init_single_rank_process_group, loss_of, max_abs_diff, micro_batch, reference_run,
+                          relative_update_error, tiny_model)
 from deepspeed.utils import safe_get_full_fp32_param
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -193,6 +195,33 @@ def test_export_gives_real_weights_not_rotated_frame(runs, family):
     assert max_abs_diff(exported, theta) <= 1e-6
     rotated = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="step10")
     assert max_abs_diff(rotated, theta) > 1e-2
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(stage):
+    """The usual no-weight-decay group for 1-D parameters. Under ZeRO-1/2 DeepSpeed replaces each group's params by
+    its flat partition during initialize; the frame was once read after that and came out empty (plain AdamW)."""
+    init_single_rank_process_group()
+    model, reference = tiny_model("llama"), tiny_model("llama")
+
+    def groups(module: torch.nn.Module, with_names: bool) -> list[dict]:
+        split = [[(n, p) for n, p in module.named_parameters() if (p.ndim > 1) == decay] for decay in (True, False)]
+        return [{"params": [p for _, p in named], **({"param_names": [n for n, _ in named]} if with_names else {}),
+                 **({} if decay else {"weight_decay": 0.0})} for named, decay in zip(split, (True, False))]
+
+    config = {**ds_config(stage=stage), "gradient_accumulation_steps": 1}
+    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=iter(groups(model, False)), config=config)
+    optimizer = OrthoAdam(groups(reference, True), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                          rotation=ROTATION, seed=SEED)
+    for step in range(3):
+        tokens = micro_batch(step, 0, 0)
+        engine.backward(loss_of(engine, tokens))
+        engine.step()
+        loss_of(reference, tokens).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert max_abs_diff(engine.module.state_dict(), reference.state_dict()) < 1e-5
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
