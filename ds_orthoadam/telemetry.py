@@ -174,6 +174,8 @@ class Telemetry:
         self.metrics_file = metrics_file
         self._window_start = time.perf_counter()
         self._window_steps = 0
+        self._step_lr = math.nan
+        self._module_grad_norm: float | None = None
 
     def print(self, message: str) -> None:
         """Print once per run (rank 0), flushed so that launcher logs interleave correctly."""
@@ -205,6 +207,22 @@ class Telemetry:
             with open(self.metrics_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step, **scalars}) + "\n")
 
+    def before_optimizer_step(self) -> None:
+        """Call right before the ``engine.step()`` that steps the optimiser (the accumulation boundary): what that
+        step uses is readable only then. The learning rate (``engine.step()`` advances the scheduler, so reading it
+        afterwards gives the next step's) and the gradients' norm where they are still on the module's parameters
+        (fp32 ZeRO-0, the one configuration in which DeepSpeed reports no norm; ZeRO-1/2 hold them elsewhere)."""
+        self._step_lr = self.engine.get_lr()[0]
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        self._module_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def _grad_norm(self) -> float:
+        """The optimiser step's gradient norm before clipping: DeepSpeed's, else the module gradients' (NaN: none)."""
+        reported = self.engine.get_global_grad_norm()
+        if reported is not None:
+            return float(reported)
+        return self._module_grad_norm if self._module_grad_norm is not None else math.nan
+
     def train_step(self, step: int, loss: float, log: bool) -> dict[str, float]:
         """Record optimiser step ``step`` (1-based) with its rank-averaged ``loss``; print a line when ``log``."""
         self._window_steps += 1
@@ -217,8 +235,8 @@ class Telemetry:
         achieved = tokens_per_s * self.flops_per_token
         scalars = {
             "Train/loss": loss,
-            "Train/lr": self.engine.get_lr()[0],
-            "Train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "Train/lr": self._step_lr,
+            "Train/grad_norm": self._grad_norm(),
             "Perf/tokens_per_s": tokens_per_s,
             "Perf/tflops": achieved / 1e12,
         }

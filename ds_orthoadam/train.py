@@ -271,9 +271,11 @@ class Trainer:
     def train_step(self) -> float:
         """One optimiser step (all micro-batches of it); returns this rank's mean micro-batch loss."""
         losses = []
-        for _ in range(self.gradient_accumulation):
+        for micro in range(self.gradient_accumulation):
             loss = self.engine(**causal_lm_inputs(next(self.batches), self.device)).loss
             self.engine.backward(loss)
+            if micro == self.gradient_accumulation - 1:
+                self.telemetry.before_optimizer_step()
             self.engine.step()  # DeepSpeed only steps the optimiser at the accumulation boundary
             losses.append(loss.detach().float())
         return float(torch.stack(losses).mean())

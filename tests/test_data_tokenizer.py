@@ -1,5 +1,8 @@
 """Tokenizer: HF fast tokenizer ids equal sentencepiece ids; loading paths; vocabulary check; CLI."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -52,3 +55,17 @@ def test_directory_without_tokenizer_files_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(TokenizerError, match="holds no tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("data,offline,builds_demo_corpus", [
+    ("data/demo", True, True), ("c4", False, False), ("/data/c4/en", True, False)])
+def test_make_tokenizer_runs_online_only_for_the_hub(data, offline, builds_demo_corpus):
+    """The README's `make tokenizer TOKENIZER_DATA=c4 ...` must not run in offline mode (the hub source refuses it)."""
+    repo = Path(__file__).resolve().parent.parent
+    venv = Path(sys.executable).parent.parent
+    dry_run = subprocess.run(["make", "--no-print-directory", "-n", "-o", f"{venv}/.installed", "tokenizer",
+                              f"VENV={venv}", f"TOKENIZER_DATA={data}"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout
+    command = next(line for line in dry_run.splitlines() if "ds_orthoadam.data.tokenizer" in line)
+    assert ("HF_HUB_OFFLINE=1" in command) == offline
+    assert ("ds_orthoadam.data.demo_corpus" in dry_run) == builds_demo_corpus

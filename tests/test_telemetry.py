@@ -5,9 +5,10 @@ import json
 
 import deepspeed
 import pytest
+import torch
 
 from ds_orthoadam.telemetry import MFU_TAG, Telemetry, keep_metrics_through, peak_tflops_for_device
-from zero_harness import init_single_rank_process_group, tiny_model
+from zero_harness import init_single_rank_process_group, loss_of, micro_batch, tiny_model
 
 
 @pytest.mark.parametrize("device_name, tflops", [
@@ -34,6 +35,7 @@ def test_mfu_only_with_a_peak(tmp_path, capsys):
         telemetry = Telemetry(engine, tokens_per_step=64, flops_per_token=1e9, peak_tflops=peak, world_size=1,
                               total_steps=10, rank=0, metrics_file=metrics_file)
         capsys.readouterr()
+        telemetry.before_optimizer_step()
         scalars = telemetry.train_step(1, 3.0, log=True)
         line = capsys.readouterr().out
         logged = json.loads(metrics_file.read_text())
@@ -43,6 +45,40 @@ def test_mfu_only_with_a_peak(tmp_path, capsys):
         else:
             assert logged[MFU_TAG] == pytest.approx(logged["Perf/tflops"] / peak)
             assert f"(MFU {100 * scalars[MFU_TAG]:.1f}%)" in line
+
+
+@pytest.mark.parametrize("scheduler", [
+    {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 4,
+                                    "warmup_type": "linear"}},
+    {"type": "WarmupCosineLR", "params": {"total_num_steps": 6, "warmup_num_steps": 2, "warmup_min_ratio": 0.1,
+                                          "cos_min_ratio": 0.1, "warmup_type": "linear"}},  # as in ds_configs/
+])
+def test_lr_and_grad_norm_are_those_the_optimiser_step_used(tmp_path, scheduler):
+    """fp32 ZeRO-0 (DeepSpeed reports no gradient norm there) with a schedule and plain SGD, whose update -lr * g
+    shows the learning rate a step really applied: the log must give that step's, not the next one's."""
+    init_single_rank_process_group()
+    model = tiny_model("llama")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+        "scheduler": scheduler, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
+        "steps_per_print": 10**9})
+    telemetry = Telemetry(engine, tokens_per_step=64, flops_per_token=1e9, peak_tflops=None, world_size=1,
+                          total_steps=10, rank=0, metrics_file=tmp_path / "metrics.jsonl")
+    weight = engine.module.model.embed_tokens.weight
+    applied = []
+    for step in range(1, 4):
+        engine.backward(loss_of(engine, micro_batch(step, 0, 0)))
+        grads = [p.grad.clone() for p in engine.module.parameters() if p.grad is not None]
+        before, grad = weight.detach().clone(), weight.grad.clone()
+        telemetry.before_optimizer_step()
+        engine.step()
+        scalars = telemetry.train_step(step, 1.0, log=True)
+        moved = grad.abs() > 1e-4
+        applied.append(((before - weight.detach())[moved] / grad[moved]).mean().item())
+        assert scalars["Train/lr"] == pytest.approx(applied[-1], rel=1e-3)
+        assert scalars["Train/grad_norm"] == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(),
+                                                           rel=1e-5)
+    assert applied[-1] > applied[0]  # the schedule moved: a log one step ahead would differ
 
 
 def test_keep_metrics_through_drops_later_steps_and_a_torn_last_line(tmp_path, capsys):
