@@ -123,6 +123,23 @@ def test_optimizer_names_and_checkpoint_client_state(tmp_path):
     assert ds_internals.checkpoint_client_state(str(tmp_path), None)["marker"] == 42
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_only_stage0_keeps_the_optimizer_state_in_the_model_states_file(tmp_path, bf16):
+    """Fact 5, what the weight export relies on: stage 0 writes no ``*_optim_states.pt`` (zero_to_fp32 has nothing to
+    read); ZeRO-1 does, and a ZeRO-1 checkpoint that lost them must not pass for stage 0."""
+    for stage in (0, 1):
+        engine, directory = _engine(stage, bf16), str(tmp_path / str(stage))
+        _train_step(engine)
+        engine.save_checkpoint(directory, tag="t")
+        saved = ds_internals.checkpoint_client_state(directory, "t")
+        assert ds_internals.weights_only_in_model_states(directory, "t", saved) == (stage == 0)
+        partitions = list((tmp_path / str(stage) / "t").glob("*_optim_states.pt"))
+        assert bool(partitions) == (stage == 1)
+    for partition in partitions:  # the ZeRO-1 checkpoint's
+        partition.unlink()
+    assert not ds_internals.weights_only_in_model_states(directory, "t", saved)
+
+
 def _local_accumulated_grads(bf16: bool, step: int, accumulation: int) -> list[torch.Tensor]:
     """sum over micro-batches of grad(loss / accumulation), by plain autograd on the same model (no DeepSpeed)."""
     model = tiny_model("llama").to(torch.bfloat16 if bf16 else torch.float32)
