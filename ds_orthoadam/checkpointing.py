@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ds_orthoadam.cli_errors import summary
+
 CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "run.json"
 COMPLETE_MARKER = "ds_orthoadam_complete.json"
@@ -232,10 +234,9 @@ class CheckpointManager:
             load_path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
         except (OSError, RuntimeError, KeyError) as error:
             others = [other for other in self.complete_tags() if other != tag]
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded ({reason}); resume "
-                                  f"from another complete checkpoint (--resume TAG: {', '.join(others) or 'none'}) "
-                                  "or start a new --output-dir") from error
+            raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded ({summary(error)}); "
+                                  f"resume from another complete checkpoint (--resume TAG: "
+                                  f"{', '.join(others) or 'none'}) or start a new --output-dir") from error
         if load_path is None or CLIENT_STATE_KEY not in (client_state or {}):
             raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded or lacks the trainer "
                                   "state; resume from another tag (--resume TAG) or start a new --output-dir")

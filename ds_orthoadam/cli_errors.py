@@ -7,6 +7,12 @@ import sys
 EXIT_BAD_INPUT = 2
 
 
+def summary(error: BaseException) -> str:
+    """``Type: first line`` of an exception raised inside a library, to quote in a one-line message."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def report_error(error: BaseException | str, exit_code: int = EXIT_BAD_INPUT) -> int:
     """Print ``error: <message>`` to standard error and return ``exit_code`` (for ``main`` to return)."""
     print(f"error: {error}", file=sys.stderr, flush=True)

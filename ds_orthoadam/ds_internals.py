@@ -14,8 +14,8 @@ fails loudly there instead of silently training in the wrong frame (or logging a
 3. that the inner optimiser of a ZeRO/bf16 wrapper is ``engine.optimizer.optimizer`` (for the memory report);
 4. the names DeepSpeed resolves for ``"optimizer": {"type": ...}`` (``DEEPSPEED_OPTIMIZERS`` or ``torch.optim``);
 5. the checkpoint layout read by the weight export: ``client_state`` and the module weights are in
-   ``mp_rank_00_model_states.pt``, where stage 0 also keeps the optimizer state (ZeRO 1/2 and bf16 write
-   ``*_optim_states.pt`` files instead);
+   ``mp_rank_00_model_states.pt``, where stage 0 also keeps the optimizer state (fp32, fp16 or bf16; ZeRO 1/2
+   write ``*_optim_states.pt`` files instead);
 6. in which configurations DeepSpeed leaves every ``p.grad`` to accumulate over the micro-batches of a step and
    reduces it only on the boundary micro-batch (ZeRO stage 0, and stage 1 without ``overlap_comm`` when gradients
    accumulate in the parameter dtype): there no DeepSpeed gradient hook consumes ``p.grad`` early;

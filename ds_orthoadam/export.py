@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 and the single-scale-norm model classes)
 from ds_orthoadam.checkpointing import CHECKPOINT_SUBDIR, RUN_FILE, CheckpointManager
-from ds_orthoadam.cli_errors import report_error
+from ds_orthoadam.cli_errors import report_error, summary
 from ds_orthoadam.data import DataError, load_tokenizer
 from ds_orthoadam.models import build_config
 from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
@@ -41,9 +41,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str, config: PreTr
     try:
         state_dict = export_fp32_state_dict(str(checkpoint_dir), tag)  # real theta, also for OrthoAdam's rotated frame
     except (OSError, RuntimeError, KeyError, ValueError) as error:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        raise ExportError(f"checkpoint {Path(checkpoint_dir) / tag} could not be read ({reason}); export another "
-                          "complete checkpoint (--tag) or check that its files were copied whole") from error
+        raise ExportError(f"checkpoint {Path(checkpoint_dir) / tag} could not be read ({summary(error)}); export "
+                          "another complete checkpoint (--tag) or check that its files were copied whole") from error
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [name for name in missing if name not in _tied_names(model)]
     if missing or unexpected:

@@ -208,10 +208,11 @@ class Telemetry:
                 handle.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def before_optimizer_step(self) -> None:
-        """Call right before the ``engine.step()`` that steps the optimiser (the accumulation boundary): what that
-        step uses is readable only then. The learning rate (``engine.step()`` advances the scheduler, so reading it
-        afterwards gives the next step's) and the gradients' norm where they are still on the module's parameters
-        (fp32 ZeRO-0, the one configuration in which DeepSpeed reports no norm; ZeRO-1/2 hold them elsewhere)."""
+        """Call right before the ``engine.step()`` that steps the optimiser (the accumulation boundary) of a step
+        that will be logged: what that step uses is readable only then. The learning rate (``engine.step()``
+        advances the scheduler, so reading it afterwards gives the next step's) and the gradients' norm where they
+        are still on the module's parameters (fp32 ZeRO-0, the one configuration in which DeepSpeed reports no
+        norm; ZeRO-1/2 hold them elsewhere)."""
         self._step_lr = self.engine.get_lr()[0]
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         self._module_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None

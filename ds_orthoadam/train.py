@@ -268,13 +268,14 @@ class Trainer:
         self.telemetry.print(f"step {self.step:>6}/{self.total_steps} | saved checkpoint {tag}")
         return tag
 
-    def train_step(self) -> float:
-        """One optimiser step (all micro-batches of it); returns this rank's mean micro-batch loss."""
+    def train_step(self, logged: bool) -> float:
+        """One optimiser step (all micro-batches of it); returns this rank's mean micro-batch loss. ``logged``: the
+        step will be logged (telemetry then reads what it needs before the optimiser step)."""
         losses = []
         for micro in range(self.gradient_accumulation):
             loss = self.engine(**causal_lm_inputs(next(self.batches), self.device)).loss
             self.engine.backward(loss)
-            if micro == self.gradient_accumulation - 1:
+            if logged and micro == self.gradient_accumulation - 1:
                 self.telemetry.before_optimizer_step()
             self.engine.step()  # DeepSpeed only steps the optimiser at the accumulation boundary
             losses.append(loss.detach().float())
@@ -287,7 +288,8 @@ class Trainer:
                              f"accumulation {self.gradient_accumulation}, output {self.output_dir}")
         args = self.args
         while self.step < self.total_steps:
-            local_loss = self.train_step()
+            logged = (self.step + 1) % args.log_every == 0
+            local_loss = self.train_step(logged)
             loss_sum, stop_votes = agree([local_loss, float(self.stop.requested)], self.device)
             loss = loss_sum / self.world_size
             self.step += 1
@@ -297,7 +299,7 @@ class Trainer:
                                       f"newest checkpoint ({self.checkpoints.latest_complete_tag()}) is the last good "
                                       "one (lower the learning rate or check the data, then --resume auto)",
                                       EXIT_NON_FINITE_LOSS)
-            self.telemetry.train_step(self.step, loss, log=self.step % args.log_every == 0)
+            self.telemetry.train_step(self.step, loss, log=logged)
             paused = time.perf_counter()
             if args.eval_every and self.step % args.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()

@@ -115,9 +115,14 @@ class _StreamConfig:
         self.mode, self.shuffle_block = mode, shuffle_block
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    @property
+    def num_readers(self) -> int:
+        """Readers of the source: one per rank and DataLoader worker (one per rank without workers)."""
+        return self.world_size * max(self.num_workers, 1)
+
     def batches(self, slot: int, position: dict) -> Iterator[tuple[dict, dict]]:
         """Endless ``(batch, position after it)`` of worker slot ``slot`` of this rank."""
-        readers = self.world_size * max(self.num_workers, 1)
+        readers = self.num_readers
         reader = self.rank * max(self.num_workers, 1) + slot
         describe = f"the share of {self.source.name} read by rank {self.rank} (reader {reader} of {readers})"
         docs = reader_documents(self.source, reader, readers, self.seed, self.shuffle_block, position["cursor"])
@@ -161,14 +166,14 @@ class TrainStream:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         source = resolve_source(source, "train", strict) if isinstance(source, str) else source
         _check_token_source(source, tokenizer)
-        readers = world_size * max(num_workers, 1)
+        self.config = _StreamConfig(source, tokenizer, seq_len, micro_batch_size, rank, world_size, num_workers,
+                                    seed, mode, shuffle_block)
+        readers = self.config.num_readers
         if rank == 0 and source.num_shards > readers and source.num_shards % readers:
             warnings.warn(f"{source.name}: {source.num_shards} shards over {readers} readers (ranks x loader "
                           f"workers): every epoch leaves out {source.num_shards % readers} shards (a different few "
                           f"each epoch) so that each reader gets {source.num_shards // readers}; use a number of "
                           f"readers that divides {source.num_shards} to read them all", stacklevel=2)
-        self.config = _StreamConfig(source, tokenizer, seq_len, micro_batch_size, rank, world_size, num_workers,
-                                    seed, mode, shuffle_block)
         self.positions: dict[int, dict] = {}
         self.next_slot = 0
         self.batches_served = 0
