@@ -6,7 +6,8 @@ shared machine moves it from round to round), and the extra persistent memory Or
 AdamW-sized moments: the rotations and two scratch buffers the size of the largest parameter (AdamW's own per-step
 temporaries are not counted for either). OrthoAdam does its moment
 math with torch's fused AdamW kernel, so AdamW(fused) is shown as a second reference. Each rotation kind is run with
-both long-axis transforms (the vocabulary axis Hadamard-rotated, the default, or left unrotated).
+the vocabulary axis left unrotated (the default: it is longer than max_rotated_dim) and with every axis rotated
+(max_rotated_dim=None, what runs before that option did).
 
 On the CPU the rotations run in a compiled tiled kernel (ds_orthoadam/kron_cpu.py) when a C++ compiler is present.
 Each round also prints a lower bound for any implementation of the same Q on this machine: AdamW(fused)'s measured
@@ -14,7 +15,7 @@ time plus, per rotation (two per step), the dense (Haar) Kronecker blocks' multi
 GEMM and one read+write pass over all parameters (both measured here; butterflies and further passes are left out).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/optimizer.py [--steps 5] [--rounds 3] [--rotations dense hadamard]
-                                                             [--long-axes hadamard identity] [--model llama-60m]
+                                                             [--vocabulary unrotated rotated] [--model llama-60m]
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ import time
 import torch
 
 from ds_orthoadam import MODEL_SPECS, OrthoAdam, build_model
-from ds_orthoadam.rotations import LONG_AXIS_TRANSFORMS, make_rotation
+from ds_orthoadam.rotations import DEFAULT_MAX_ROTATED_DIM, make_rotation
+
+# The vocabulary axis' treatment -> max_rotated_dim.
+VOCABULARY_AXIS = {"unrotated": DEFAULT_MAX_ROTATED_DIM, "rotated": None}
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
@@ -47,12 +51,12 @@ def interleaved_median_seconds(optimizers: dict[str, torch.optim.Optimizer], ste
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def dense_multiply_adds(model: torch.nn.Module, kind: str, long_axis: str) -> int:
+def dense_multiply_adds(model: torch.nn.Module, kind: str, max_rotated_dim: int | None) -> int:
     """Multiply-adds of one rotation of every parameter from its dense (Haar) Kronecker blocks: a block of size f
     costs f per element. Hadamard blocks and odd blocks (Hadamard windows: butterflies on the CPU) are left out."""
     total = 0
     for name, p in model.named_parameters():
-        rotation = make_rotation(p.shape, kind, 0, name, long_axis=long_axis)
+        rotation = make_rotation(p.shape, kind, 0, name, max_rotated_dim=max_rotated_dim)
         for axis in rotation.axes:
             total += p.numel() * sum(f.shape[0] for f in axis.factors
                                      if not axis.is_hadamard(f) and not axis.is_odd_windows(f))
@@ -84,9 +88,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimiser (median is reported)")
     parser.add_argument("--rotations", nargs="+", default=["dense", "hadamard"], choices=["dense", "hadamard"],
                         help="OrthoAdam rotation kinds to compare with AdamW")
-    parser.add_argument("--long-axes", nargs="+", default=list(LONG_AXIS_TRANSFORMS), choices=LONG_AXIS_TRANSFORMS,
-                        help="long-axis transforms (axes over max_dense_dim=4096: the vocabulary) to run each kind "
-                        "with")
+    parser.add_argument("--vocabulary", nargs="+", default=list(VOCABULARY_AXIS), choices=list(VOCABULARY_AXIS),
+                        help="run each kind with the vocabulary axis unrotated (the default max_rotated_dim) and/or "
+                        "rotated (max_rotated_dim=None)")
     parser.add_argument("--model", default="llama-60m", choices=sorted(MODEL_SPECS), help="model whose parameters")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds per OrthoAdam variant, each with fresh baselines (on a shared machine the ratio "
@@ -106,27 +110,29 @@ def main() -> None:
     # process holds (its per-step temporaries are page-faulted in), so all variants at once would skew the baseline.
     ratios: dict[str, list[float]] = {}
     for kind in args.rotations:
-        for long_axis in args.long_axes:
+        for vocabulary in args.vocabulary:
             for _ in range(args.rounds):
-                name, ratio = timed_round(model, kind, long_axis, args.steps)
+                name, ratio = timed_round(model, kind, vocabulary, args.steps)
                 ratios.setdefault(name, []).append(ratio)
     print(f"OrthoAdam step / AdamW(foreach) step over {args.rounds} round(s):")
     for name, values in ratios.items():
         print(f"  {name:38s} median {statistics.median(values):.2f}x, range {min(values):.2f}-{max(values):.2f}x")
 
 
-def timed_round(model: torch.nn.Module, kind: str, long_axis: str, steps: int) -> tuple[str, float]:
-    """One round: OrthoAdam of this kind and long axis against fresh AdamW baselines; prints the report and the
-    lower bound, returns the OrthoAdam variant's name and its ratio to AdamW(foreach)."""
-    name = f"OrthoAdam {kind}, long axis {long_axis}"
+def timed_round(model: torch.nn.Module, kind: str, vocabulary: str, steps: int) -> tuple[str, float]:
+    """One round: OrthoAdam of this kind and vocabulary-axis treatment against fresh AdamW baselines; prints the
+    report and the lower bound, returns the OrthoAdam variant's name and its ratio to AdamW(foreach)."""
+    name = f"OrthoAdam {kind}, vocabulary {vocabulary}"
+    max_rotated_dim = VOCABULARY_AXIS[vocabulary]
     optimizers: dict[str, torch.optim.Optimizer] = {
         "AdamW(foreach)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True),
         "AdamW(fused)": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True),
-        name: OrthoAdam(model.named_parameters(), lr=0.0, rotation=kind, long_axis=long_axis)}
+        name: OrthoAdam(model.named_parameters(), lr=0.0, rotation=kind, max_rotated_dim=max_rotated_dim)}
     seconds = interleaved_median_seconds(optimizers, steps)
     report(optimizers, seconds)
-    floor = seconds["AdamW(fused)"] + 2 * (dense_multiply_adds(model, kind, long_axis) / multiply_adds_per_second()
-                                           + copy_seconds(model))
+    rotation_floor = (dense_multiply_adds(model, kind, max_rotated_dim) / multiply_adds_per_second()
+                      + copy_seconds(model))
+    floor = seconds["AdamW(fused)"] + 2 * rotation_floor
     print(f"lower bound for this Q here: {floor / seconds['AdamW(foreach)']:.2f}x AdamW(foreach)\n")
     return name, seconds[name] / seconds["AdamW(foreach)"]
 

@@ -10,11 +10,12 @@ is only equivariant to signed permutations, a rotation that mixes coordinates ch
 privileged basis that lets outlier features form.
 
 State (``exp_avg``, ``exp_avg_sq`` in the rotated frame, ``step``) round-trips through ``state_dict``; rotations
-are never stored: they are regenerated from the group's ``(seed, rotation, max_dense_dim, long_axis)`` and the
-parameter's key, which is its name when the optimiser is given ``model.named_parameters()`` and ``f"param{i}"``
-otherwise (i = the parameter's position across all param groups, its id in ``state_dict()``). The DeepSpeed
+are never stored: they are regenerated from the group's ``(seed, rotation, max_dense_dim, long_axis,
+max_rotated_dim)`` and the parameter's key, which is its name when the optimiser is given
+``model.named_parameters()`` and ``f"param{i}"`` otherwise (i = the parameter's position across all param groups,
+its id in ``state_dict()``). The DeepSpeed
 integration therefore gets the same Q from ``make_rotation(p.shape, kind, seed, name, max_dense_dim,
-long_axis=long_axis)``.
+long_axis=long_axis, max_rotated_dim=max_rotated_dim)``.
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ from torch.optim.adamw import adamw
 from ds_orthoadam.rotations import (
     DEFAULT_LONG_AXIS,
     DEFAULT_MAX_DENSE_DIM,
+    DEFAULT_MAX_ROTATED_DIM,
     ROTATION_VERSION,
     LongAxisError,
+    MaxRotatedDimError,
     Rotation,
     RotationKindError,
     RotationVersionError,
     ScratchBuffers,
     check_kind,
     check_long_axis,
+    check_max_rotated_dim,
     check_version,
     make_rotation,
 )
@@ -69,8 +73,9 @@ def _validate_group(group: dict[str, Any]) -> None:
     try:
         check_kind(group["rotation"])
         check_long_axis(group["long_axis"])
+        check_max_rotated_dim(group["max_rotated_dim"])
         check_version(group["rotation_version"])
-    except (RotationKindError, LongAxisError, RotationVersionError) as error:
+    except (RotationKindError, LongAxisError, MaxRotatedDimError, RotationVersionError) as error:
         raise OrthoAdamConfigError(str(error)) from error
     if not isinstance(group["seed"], int):
         raise OrthoAdamConfigError(f"invalid seed={group['seed']!r}: use an int")
@@ -92,10 +97,10 @@ class OrthoAdam(Optimizer):
         rotation: ``"dense"`` (Haar-random matrix per axis) or ``"hadamard"`` (randomised Walsh-Hadamard per axis,
             O(n log n)).
         seed: seeds all rotations (together with each parameter's key).
-        max_dense_dim: longest axis that gets the ``rotation`` kind's transform; longer ones (the vocabulary) get
-            ``long_axis``.
-        long_axis: ``"hadamard"`` (default) or ``"identity"`` (long axes stay unrotated; see
-            :mod:`ds_orthoadam.rotations` for when that is sound).
+        max_dense_dim: longest axis that gets the ``rotation`` kind's transform; longer ones get ``long_axis``.
+        long_axis: ``"hadamard"`` (default) or ``"identity"`` (axes over ``max_dense_dim`` stay unrotated).
+        max_rotated_dim: axes longer than this (default 16384: the vocabulary) stay unrotated, which keeps Adam's
+            per-token normalisation; None rotates every axis. See :mod:`ds_orthoadam.rotations` for why.
     """
 
     def __init__(
@@ -109,9 +114,11 @@ class OrthoAdam(Optimizer):
         seed: int = 0,
         max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
         long_axis: str = DEFAULT_LONG_AXIS,
+        max_rotated_dim: int | None = DEFAULT_MAX_ROTATED_DIM,
     ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rotation=rotation, seed=seed,
-                        max_dense_dim=max_dense_dim, long_axis=long_axis, rotation_version=ROTATION_VERSION)
+                        max_dense_dim=max_dense_dim, long_axis=long_axis, max_rotated_dim=max_rotated_dim,
+                        rotation_version=ROTATION_VERSION)
         self._rotations: dict[torch.Tensor, tuple[tuple, Rotation]] = {}
         self._scratch = ScratchBuffers()
         super().__init__(params, defaults)
@@ -133,12 +140,14 @@ class OrthoAdam(Optimizer):
     def rotation_for(self, group: dict[str, Any], parameter: torch.Tensor, key: str) -> Rotation:
         """The (cached) rotation of ``parameter``; rebuilt if its group's rotation settings changed."""
         spec = (key, group["rotation"], group["seed"], group["max_dense_dim"], group["long_axis"],
-                group["rotation_version"], parameter.shape, parameter.device, _state_dtype(parameter))
+                group["max_rotated_dim"], group["rotation_version"], parameter.shape, parameter.device,
+                _state_dtype(parameter))
         cached = self._rotations.get(parameter)
         if cached is None or cached[0] != spec:
             rotation = make_rotation(parameter.shape, group["rotation"], group["seed"], key, group["max_dense_dim"],
                                      device=parameter.device, dtype=_state_dtype(parameter),
-                                     long_axis=group["long_axis"], version=group["rotation_version"])
+                                     long_axis=group["long_axis"], version=group["rotation_version"],
+                                     max_rotated_dim=group["max_rotated_dim"])
             cached = self._rotations[parameter] = (spec, rotation)
         return cached[1]
 
@@ -149,9 +158,10 @@ class OrthoAdam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load after checking the rotation scheme version and that every saved moment has its parameter's shape.
 
-        The saved groups' ``rotation``, ``seed``, ``max_dense_dim``, ``long_axis`` and ``rotation_version`` replace
-        the current ones (as for any torch hyper-parameter), so the moments are used in the frame they were
-        accumulated in: a run started with an earlier rotation scheme goes on with it.
+        The saved groups' ``rotation``, ``seed``, ``max_dense_dim``, ``long_axis``, ``max_rotated_dim`` and
+        ``rotation_version`` replace the current ones (as for any torch hyper-parameter), so the moments are used in
+        the frame they were accumulated in: a run started with an earlier rotation scheme goes on with it, and one
+        from before ``max_rotated_dim`` existed goes on rotating every axis.
         """
         for group in state_dict["param_groups"]:
             try:
@@ -177,6 +187,7 @@ class OrthoAdam(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("long_axis", DEFAULT_LONG_AXIS)  # version-1 state dicts from before long_axis existed
+            group.setdefault("max_rotated_dim", None)  # state dicts from before it existed rotated every axis
             _validate_group(group)
         self._rotations.clear()
 

@@ -26,12 +26,24 @@ Axis transforms:
   with w = 2^floor(log2 n) > n/2, signed Hadamard transforms on ``[0, w)``, then ``[n-w, n)``, then, after a random
   permutation of the axis, on ``[0, w)`` again (each pass orthogonal; overlap + permutation make it mix fully).
 
-Long axes: an axis longer than ``max_dense_dim`` (default 4096: the vocabulary axis of the embeddings) gets the
-``long_axis`` transform under either kind: ``"hadamard"`` (default) or ``"identity"`` (left unrotated: the
-parameter is only rotated along its other axis, e.g. every embedding row by the same hidden-axis Q; cheaper, and
-keeps Adam's per-token normalisation of rare tokens' rows, but the vocabulary axis itself stays a privileged basis).
-With ``"identity"`` choose ``max_dense_dim`` above the widest non-vocabulary axis (a 1.4B model's MLP axis is 5461
-or 8192 wide), or those axes go unrotated too. A parameter whose every axis is long is then not rotated at all.
+Long axes, by length n (:func:`axis_kind`):
+
+* ``n > max_rotated_dim`` (default 16384: the vocabulary axis of the embeddings and the output head, 32000, and no
+  other axis of the model zoo; the widest, the 1.4B models' MLP axes, are 5461 and 8192): left unrotated, under
+  either kind. The parameter is rotated along its other axis only, e.g. every embedding row by the same hidden-axis Q.
+  Why by default: the outlier features the paper removes live on the hidden axis, which stays rotated, while
+  Adam's per-coordinate normalisation along the vocabulary axis is per-token normalisation, which is what lets Adam
+  train rare tokens' rows as fast as frequent ones (Kunstner et al., NeurIPS 2024, arXiv 2402.19449: heavy-tailed
+  class imbalance is why Adam beats gradient descent on language models); mixing the vocabulary axis would let the
+  frequent tokens' gradients set every row's scale. It is also the cheapest choice: the vocabulary axis is the most
+  expensive one to rotate. ``max_rotated_dim=None`` rotates every axis (what runs before this option did; their
+  checkpoints and state dicts resume that way). The same idea as SOAP's ``max_precond_dim``.
+* ``max_dense_dim < n <= max_rotated_dim`` (``max_dense_dim`` default 4096): the ``long_axis`` transform,
+  ``"hadamard"`` (default: the dense kind's Haar matrix would take n^2 memory and n multiply-adds per element) or
+  ``"identity"``. Under the hadamard kind this only matters for ``"identity"``.
+* otherwise the kind's own transform.
+
+A parameter whose every axis is left unrotated is not rotated at all.
 
 All Kronecker factors of a parameter are applied with one GEMM each by cycling through the "digits" of the
 flattened index: ``x <- F @ x.view(-1, f).T`` transforms the last digit with F and moves it to the front, so after
@@ -40,14 +52,14 @@ the transposed factors. On the CPU, rotations without windows or wide dense bloc
 that computes the same Q in cache-sized tiles (:mod:`ds_orthoadam.kron_cpu`).
 
 Reproducibility rule (what the DeepSpeed integration relies on): the rotation is a pure function of
-``(seed, key, shape, kind, max_dense_dim, long_axis, version)``. Random numbers come from a CPU ``torch.Generator``
-(float64) seeded with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never Python's salted
-``hash()`` -- so it is identical on every rank, device and restart. The construction itself (block sizes, hashing)
-is versioned: new runs use ``ROTATION_VERSION``; OrthoAdam (and the DeepSpeed integration) record the version in
-every checkpoint and resume with the recorded one (any of ``SUPPORTED_ROTATION_VERSIONS``), so a checkpoint is never
-resumed with another Q. ``OrthoAdam`` uses ``key = parameter name`` when given ``model.named_parameters()`` and
-``key = f"param{i}"`` otherwise, i being the parameter's position in the flattened param groups (its id in
-``optimizer.state_dict()``).
+``(seed, key, shape, kind, max_dense_dim, long_axis, max_rotated_dim, version)``. Random numbers come from a CPU
+``torch.Generator`` (float64) seeded with a SHA-256 hash of ``(seed, key, shape, axis index, axis kind)`` -- never
+Python's salted ``hash()`` -- so it is identical on every rank, device and restart. The construction itself (block
+sizes, hashing) is versioned: new runs use ``ROTATION_VERSION``; OrthoAdam (and the DeepSpeed integration) record the
+version in every checkpoint and resume with the recorded one (any of ``SUPPORTED_ROTATION_VERSIONS``), so a
+checkpoint is never resumed with another Q. ``OrthoAdam`` uses ``key = parameter name`` when given
+``model.named_parameters()`` and ``key = f"param{i}"`` otherwise, i being the parameter's position in the flattened
+param groups (its id in ``optimizer.state_dict()``).
 """
 from __future__ import annotations
 
@@ -63,11 +75,14 @@ from ds_orthoadam import kron_cpu
 ROTATION_KINDS = ("dense", "hadamard")
 LONG_AXIS_TRANSFORMS = ("hadamard", "identity")
 DEFAULT_LONG_AXIS = "hadamard"
-# Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim, long_axis).
+# Bump whenever a change here would give another Q for the same (seed, key, shape, kind, max_dense_dim, long_axis,
+# max_rotated_dim).
 # Earlier versions stay buildable, so that runs started with an earlier release resume in the frame they started in.
 ROTATION_VERSION = 2
 SUPPORTED_ROTATION_VERSIONS = (1, 2)  # 1: odd blocks of Hadamard axes were Haar blocks
 DEFAULT_MAX_DENSE_DIM = 4096
+# Axes longer than this stay unrotated (the vocabulary; see the module doc). None rotates every axis.
+DEFAULT_MAX_ROTATED_DIM = 16384
 # Power-of-two Hadamard transforms are applied as a Kronecker product of blocks of at most 2^4 (one GEMM each):
 # on CPUs and GPUs small GEMMs beat log2(n) eager butterfly passes; the cost stays O(n log n).
 HADAMARD_BLOCK_LOG2 = 4
@@ -110,8 +125,23 @@ def check_long_axis(long_axis: str) -> None:
                             f"{', '.join(LONG_AXIS_TRANSFORMS)}")
 
 
-def axis_kind(kind: str, size: int, max_dense_dim: int, long_axis: str = DEFAULT_LONG_AXIS) -> str:
-    """The transform along an axis of ``size``: the kind's own, or ``long_axis`` beyond ``max_dense_dim``."""
+class MaxRotatedDimError(ValueError):
+    """``max_rotated_dim`` is neither None nor a positive integer."""
+
+
+def check_max_rotated_dim(max_rotated_dim: object) -> None:
+    if max_rotated_dim is not None and (not isinstance(max_rotated_dim, int) or isinstance(max_rotated_dim, bool)
+                                        or max_rotated_dim < 1):
+        raise MaxRotatedDimError(f"invalid max_rotated_dim={max_rotated_dim!r}: use an int >= 1 (longer axes stay "
+                                 f"unrotated; default {DEFAULT_MAX_ROTATED_DIM}) or None (rotate every axis)")
+
+
+def axis_kind(kind: str, size: int, max_dense_dim: int, long_axis: str = DEFAULT_LONG_AXIS,
+              max_rotated_dim: int | None = DEFAULT_MAX_ROTATED_DIM) -> str:
+    """The transform along an axis of ``size``: identity beyond ``max_rotated_dim``, else ``long_axis`` beyond
+    ``max_dense_dim``, else the kind's own."""
+    if max_rotated_dim is not None and size > max_rotated_dim:
+        return "identity"
     return kind if size <= max_dense_dim else long_axis
 
 
@@ -497,23 +527,26 @@ def make_rotation(
     dtype: torch.dtype = torch.float32,
     long_axis: str = DEFAULT_LONG_AXIS,
     version: int = ROTATION_VERSION,
+    max_rotated_dim: int | None = DEFAULT_MAX_ROTATED_DIM,
 ) -> Rotation:
     """The rotation OrthoAdam uses for a parameter of ``shape`` named ``key`` (deterministic, see module doc).
 
     ``dtype``/``device`` only choose where the factors are stored; they are always sampled in float64 on the CPU,
-    so the same (seed, key, shape, kind, max_dense_dim, long_axis, version) gives the same Q everywhere.
+    so the same (seed, key, shape, kind, max_dense_dim, long_axis, max_rotated_dim, version) gives the same Q
+    everywhere.
     ``rotate``/``unrotate`` accept tensors of any floating dtype and device (factors are cast on the fly if they
     differ). ``version`` selects an earlier rotation scheme (see SUPPORTED_ROTATION_VERSIONS) to resume old runs.
     """
     check_kind(kind)
     check_long_axis(long_axis)
+    check_max_rotated_dim(max_rotated_dim)
     check_version(version)
     shape = torch.Size(shape)
     axes = []
     for axis, size in enumerate(matrix_view(shape)):
         if size <= 1:
             continue
-        transform = axis_kind(kind, size, max_dense_dim, long_axis)
+        transform = axis_kind(kind, size, max_dense_dim, long_axis, max_rotated_dim)
         if transform == "identity":
             axes.append(_Axis(size))
             continue
@@ -532,7 +565,9 @@ def rotation_nbytes(
     max_dense_dim: int = DEFAULT_MAX_DENSE_DIM,
     dtype: torch.dtype = torch.float32,
     long_axis: str = DEFAULT_LONG_AXIS,
+    max_rotated_dim: int | None = DEFAULT_MAX_ROTATED_DIM,
 ) -> int:
     """Memory (bytes) the rotations of these parameters take (builds each rotation once, on the CPU)."""
-    return sum(make_rotation(p.shape, kind, seed, name, max_dense_dim, dtype=dtype, long_axis=long_axis).nbytes
+    return sum(make_rotation(p.shape, kind, seed, name, max_dense_dim, dtype=dtype, long_axis=long_axis,
+                             max_rotated_dim=max_rotated_dim).nbytes
                for name, p in named_parameters)

@@ -25,9 +25,9 @@ frame"):
 
 The module therefore always holds the real weights theta (forward, evaluation, ``engine.module.state_dict()``, the
 module weights inside every checkpoint), and the rotations are never stored: they are a pure function of
-``(seed, name, shape, kind, max_dense_dim, long_axis)`` (see :mod:`ds_orthoadam.rotations`), recorded in the
-checkpoint's ``client_state`` and checked on load. The fp32 weights of a ZeRO checkpoint are in the rotated frame;
-:func:`export_fp32_state_dict` returns the real theta.
+``(seed, name, shape, kind, max_dense_dim, long_axis, max_rotated_dim)`` (see :mod:`ds_orthoadam.rotations`),
+recorded in the checkpoint's ``client_state`` and checked on load. The fp32 weights of a ZeRO checkpoint are in the
+rotated frame; :func:`export_fp32_state_dict` returns the real theta.
 
 Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It rotates every parameter twice per
 *micro-batch* (theta = Q^T phi in forward, Q g in backward, plus again under activation checkpointing), materialises
@@ -82,7 +82,18 @@ class RotationSpec:
     seed: int = 0
     max_dense_dim: int = rotations.DEFAULT_MAX_DENSE_DIM
     long_axis: str = rotations.DEFAULT_LONG_AXIS
+    max_rotated_dim: int | None = rotations.DEFAULT_MAX_ROTATED_DIM
     version: int = rotations.ROTATION_VERSION
+
+
+# Fields a checkpoint's record may lack because the release that wrote it predates them, with the value that
+# reproduces what that release did: such a checkpoint resumes in its own frame (a warning says so).
+_FIELDS_ADDED_LATER = {"max_rotated_dim": None}
+
+
+def saved_rotation_spec(record: dict) -> RotationSpec:
+    """The :class:`RotationSpec` a checkpoint's rotation record describes (also one written by an older release)."""
+    return RotationSpec(**{**_FIELDS_ADDED_LATER, **record})
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -140,8 +151,14 @@ def _parse_orthoadam_params(params: Any) -> tuple[dict, RotationSpec]:
         # FusedAdam on accelerators; torch's AdamW where FusedAdam cannot be built (the CPU accelerator).
         "torch_adam": torch_adam,
     }
+    try:
+        rotations.check_max_rotated_dim(merged["max_rotated_dim"])
+    except rotations.MaxRotatedDimError:
+        raise DeepSpeedConfigError("optimizer.params.max_rotated_dim must be an integer >= 1 (longer axes stay "
+                                   "unrotated) or null (rotate every axis), got "
+                                   f"{merged['max_rotated_dim']!r}") from None
     spec = RotationSpec(merged["rotation"], _check_int(merged, "seed", 0), _check_int(merged, "max_dense_dim", 1),
-                        merged["long_axis"])
+                        merged["long_axis"], merged["max_rotated_dim"])
     return adamw, spec
 
 
@@ -226,7 +243,7 @@ class RotatedFrame:
         self.spec = spec
         self.rotations: dict[str, Rotation] = {
             name: make_rotation(p.shape, spec.rotation, spec.seed, name, spec.max_dense_dim, device=p.device,
-                                long_axis=spec.long_axis, version=spec.version)
+                                long_axis=spec.long_axis, version=spec.version, max_rotated_dim=spec.max_rotated_dim)
             for name, p in self.params.items()
         }
 
@@ -372,20 +389,29 @@ class OrthoAdamEngineHooks:
         client_state = {**(client_state or {}), CLIENT_STATE_KEY: asdict(self.frame.spec)}
         return original_save(save_dir, tag=tag, client_state=client_state, **kwargs)
 
-    def _follow_saved_rotations(self, saved: RotationSpec, load_path: str, module_only: bool) -> None:
-        """Refuse a checkpoint trained with other rotation settings; one from an earlier rotation scheme version goes
-        on in that version's frame (where its master weights and moments live), unless only the module was loaded."""
-        if replace(saved, version=self.frame.spec.version) != self.frame.spec:
+    def _follow_saved_rotations(self, record: dict, load_path: str, module_only: bool) -> None:
+        """Refuse a checkpoint trained with other rotation settings. One written by an earlier release goes on in its
+        own frame (where its master weights and moments live), unless only the module was loaded: that is one from
+        an earlier rotation scheme version, or from before ``max_rotated_dim`` existed (it rotated every axis)."""
+        saved, current = saved_rotation_spec(record), self.frame.spec
+        followed = {"version"} | {name for name in _FIELDS_ADDED_LATER if name not in record}
+        if replace(saved, **{name: getattr(current, name) for name in followed}) != current:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was trained with OrthoAdam rotations {asdict(saved)} but this engine uses "
-                f"{asdict(self.frame.spec)}: set optimizer.params rotation/seed/max_dense_dim/long_axis to the saved "
-                "values")
-        if saved.version == self.frame.spec.version or module_only:
+                f"{asdict(current)}: set optimizer.params rotation/seed/max_dense_dim/long_axis/max_rotated_dim to "
+                "the saved values")
+        if saved == current or module_only:
             return
         _check_buildable(saved, f"checkpoint {load_path}")
         self.frame.adopt(saved)
-        warnings.warn(f"checkpoint {load_path} was written with rotation scheme version {saved.version}: this run goes "
-                      f"on with it (new runs use version {rotations.ROTATION_VERSION})", RuntimeWarning, stacklevel=3)
+        if saved.version != current.version:
+            warnings.warn(f"checkpoint {load_path} was written with rotation scheme version {saved.version}: this run "
+                          f"goes on with it (new runs use version {rotations.ROTATION_VERSION})", RuntimeWarning,
+                          stacklevel=3)
+        if saved.max_rotated_dim != current.max_rotated_dim:
+            warnings.warn(f"checkpoint {load_path} was written before max_rotated_dim existed, with every axis "
+                          f"rotated: this run goes on that way (new runs leave axes over "
+                          f"{rotations.DEFAULT_MAX_ROTATED_DIM} unrotated by default)", RuntimeWarning, stacklevel=3)
 
     def load_checkpoint(self, original_load, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
@@ -402,7 +428,7 @@ class OrthoAdamEngineHooks:
                 f"checkpoint {load_path} was not written by OrthoAdam (no rotation record), so its optimizer state "
                 "is in the real frame: load it with load_module_only=True to start OrthoAdam from its weights")
         if saved is not None:
-            self._follow_saved_rotations(RotationSpec(**saved), load_path, module_only)
+            self._follow_saved_rotations(saved, load_path, module_only)
         # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
         # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
         if module_only:
@@ -477,6 +503,6 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
         return phi  # not an OrthoAdam checkpoint: DeepSpeed's weights are already real
     optimized = {name for group in saved["param_shapes"] for name in group}
     trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
-    spec = RotationSpec(**saved[CLIENT_STATE_KEY])
+    spec = saved_rotation_spec(saved[CLIENT_STATE_KEY])
     _check_buildable(spec, checkpoint_dir)
     return RotatedFrame(trainable, spec).unrotate_state_dict(phi)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(kron_cpu.library() is None, reason="no C++ compi
 # Shapes that reach every kernel path: in-vector butterflies (512 = 8*8*8), rows shorter than a vector (1376 = 43*8*4),
 # out-axis tiles with a narrow remainder (inner length not a multiple of the tile width), vectors, odd parts (window
 # digits on either axis, inside or below a vector, wider than MAX_FACTOR: 67, 127), a vocabulary-like long axis
-# (32000 = 25*5*16*16), a single column, and sizes too small for one SIMD vector.
+# (32000 = 25*5*16*16; rotated here with max_rotated_dim=None), a single column, and sizes too small for one SIMD
+# vector.
 SHAPES = [(512,), (96, 512), (1376, 64), (64, 1376), (250, 40), (7, 24), (3, 5, 8), (48, 1), (1, 48), (32000, 8),
           (2, 3), (12, 12), (67, 16), (16, 254)]
 
@@ -38,7 +39,7 @@ def test_kernel_matches_the_gemm_path(shape, long_axis, dtype, atol, threads):
     torch.set_num_threads(threads)
     try:
         rotation = make_rotation(shape, "hadamard", seed=3, key="w", max_dense_dim=1000, dtype=dtype,
-                                 long_axis=long_axis)
+                                 long_axis=long_axis, max_rotated_dim=None)
         x = torch.randn(shape, dtype=dtype)
         workspace = ScratchBuffers().get(x.numel(), x.device, dtype)
         fast = [rotation.rotate(x), rotation.unrotate(x), rotation.rotate(x, workspace).clone(),
@@ -158,7 +159,8 @@ def test_a_clang_build_matches_the_gemm_path(monkeypatch, tmp_path, isa_flags):
 def assert_the_loaded_kernel_matches_the_gemm_path():
     for shape in SHAPES:
         for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
-            rotation = make_rotation(shape, "hadamard", seed=3, key="w", max_dense_dim=1000, dtype=dtype)
+            rotation = make_rotation(shape, "hadamard", seed=3, key="w", max_dense_dim=1000, dtype=dtype,
+                                     max_rotated_dim=None)
             x = torch.randn(shape, dtype=dtype)
             fast = [rotation.rotate(x), rotation.unrotate(x)]
             assert rotation._cpu_plans[(False, dtype)] is not None
@@ -179,7 +181,7 @@ def test_the_environment_variable_turns_the_kernel_off():
 def test_kernel_rotation_of_a_model_sized_parameter_is_orthogonal():
     """A vocabulary-sized embedding in float64: norms are preserved and unrotate inverts rotate."""
     x = torch.randn(32000, 64, dtype=torch.float64)
-    rotation = make_rotation(x.shape, "hadamard", key="embed", dtype=torch.float64)
+    rotation = make_rotation(x.shape, "hadamard", key="embed", dtype=torch.float64, max_rotated_dim=None)
     y = rotation.rotate(x)
     assert math.isclose(y.norm().item(), x.norm().item(), rel_tol=1e-12)
     torch.testing.assert_close(rotation.unrotate(y), x, rtol=0, atol=1e-12)

@@ -182,6 +182,47 @@ def test_a_state_dict_from_before_long_axis_existed_resumes_with_hadamard_long_a
     resume_in_a_new_optimiser(reference, params, drop_long_axis, lr=0.01, long_axis="identity")
 
 
+def test_a_state_dict_from_before_max_rotated_dim_existed_resumes_rotating_every_axis():
+    """Such a run rotated every axis: it goes on that way whatever the new optimiser was built with."""
+    def drop_max_rotated_dim(state):
+        for group in state["param_groups"]:
+            del group["max_rotated_dim"]
+
+    params = make_params()
+    reference = OrthoAdam(groups_of(params, True), lr=0.01, rotation="hadamard", max_rotated_dim=None)
+    resumed = resume_in_a_new_optimiser(reference, params, drop_max_rotated_dim, lr=0.01, rotation="hadamard",
+                                        max_rotated_dim=8)
+    assert all(group["max_rotated_dim"] is None for group in resumed.param_groups)
+
+
+def one_step_update(shape: tuple[int, int], row: int, **kwargs) -> torch.Tensor:
+    """The update of one OrthoAdam step (hadamard) on a zero parameter whose gradient is one random row."""
+    parameter = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    parameter.grad = torch.zeros_like(parameter)
+    parameter.grad[row] = torch.randn(shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    OrthoAdam([("embed", parameter)], lr=1.0, rotation="hadamard", **kwargs).step()
+    return parameter.detach()
+
+
+def test_by_default_a_gradient_on_one_token_row_updates_only_that_row():
+    """The vocabulary axis (32000 > max_rotated_dim) stays unrotated: Adam's per-token normalisation is kept, while
+    the row itself moves off its coordinate axes (the hidden axis is rotated, so it is not Adam's sign step)."""
+    update = one_step_update((32000, 16), row=123)
+    moved_rows = (update.abs() > 1e-12).any(dim=1).nonzero().flatten().tolist()
+    assert moved_rows == [123]
+    adam_step = -torch.sign(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert (update[123] - adam_step).abs().max() > 0.1
+    # Control: rotating every axis spreads the same gradient over many rows.
+    spread = one_step_update((32000, 16), row=123, max_rotated_dim=None)
+    assert (spread.abs() > 1e-12).any(dim=1).sum() > 1000
+
+
+def test_by_default_the_widest_mlp_axis_of_the_model_zoo_is_rotated():
+    """llama-1.4b's MLP axis (5461) is below max_rotated_dim: a gradient on one row spreads over the whole axis."""
+    update = one_step_update((5461, 8), row=7)
+    assert (update.abs() > 1e-12).any(dim=1).sum() > 5461 // 2
+
+
 @pytest.mark.parametrize("version", [0, 3, None])
 def test_loading_a_state_dict_from_an_unknown_rotation_scheme_fails_clearly(version):
     params = make_params()
@@ -220,6 +261,9 @@ def test_a_version_1_state_dict_resumes_in_the_version_1_frame():
     ({"max_dense_dim": 0}, "invalid max_dense_dim=0"),
     ({"seed": 1.5}, "invalid seed=1.5"),
     ({"long_axis": "none"}, "unknown long_axis transform 'none': choose one of hadamard, identity"),
+    ({"max_rotated_dim": 0}, r"invalid max_rotated_dim=0: use an int >= 1 .* or None \(rotate every axis\)"),
+    ({"max_rotated_dim": "all"}, "invalid max_rotated_dim='all'"),
+    ({"max_rotated_dim": True}, "invalid max_rotated_dim=True"),
 ])
 def test_bad_hyper_parameters_fail_clearly(kwargs, message):
     with pytest.raises(OrthoAdamConfigError, match=message):

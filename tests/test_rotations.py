@@ -11,6 +11,7 @@ import torch
 
 from ds_orthoadam.rotations import (
     LongAxisError,
+    MaxRotatedDimError,
     RotationKindError,
     RotationVersionError,
     ScratchBuffers,
@@ -83,14 +84,25 @@ def test_rotation_is_the_kronecker_product_of_its_axis_factors(shape, kind):
     torch.testing.assert_close(full_matrix(rotation, shape), expected, rtol=0, atol=1e-12)
 
 
+# Two ways to leave axes over 10 unrotated, each with the rotation that differs only in rotating them.
+UNROTATED_LONG_AXES = {
+    "long_axis": ({"max_dense_dim": 10, "long_axis": "identity"}, {"max_dense_dim": 10}),
+    "max_rotated_dim": ({"max_rotated_dim": 10}, {"max_rotated_dim": None}),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(UNROTATED_LONG_AXES))
 @pytest.mark.parametrize("kind", ["dense", "hadamard"])
 @pytest.mark.parametrize("shape,long_axes", [((40, 6), (0,)), ((6, 40), (1,)), ((40, 3, 4), (0, 1)), ((50,), (0,))])
-def test_identity_long_axes_leave_that_axis_unmixed_and_keep_the_other_axis_transform(kind, shape, long_axes):
-    """With long_axis="identity", Q = kron over axes of (I for a long axis, else the axis transform the default
-    long_axis="hadamard" rotation uses for that axis: the same random draw)."""
+def test_unrotated_long_axes_leave_that_axis_unmixed_and_keep_the_other_axis_transform(kind, shape, long_axes,
+                                                                                      setting):
+    """With long_axis="identity" (axes over max_dense_dim) or with max_rotated_dim, Q = kron over axes of (I for a
+    long axis, else the axis transform the rotation with long axes rotated uses for that axis: the same draw)."""
     view = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else shape
-    identity = build(shape, f"{kind}-identity", max_dense_dim=10)
-    default = build(shape, kind, max_dense_dim=10)
+    unrotated, rotated = UNROTATED_LONG_AXES[setting]
+    identity = make_rotation(shape, kind, key="layer.weight", dtype=torch.float64, **unrotated)
+    default = make_rotation(shape, kind, key="layer.weight", dtype=torch.float64, **rotated)
+    assert len(default.axes) == len(view)
     blocks = []
     for position, (size, axis) in enumerate(zip(view, default.axes)):
         if position in long_axes:
@@ -99,6 +111,12 @@ def test_identity_long_axes_leave_that_axis_unmixed_and_keep_the_other_axis_tran
             signs = axis.signs if axis.signs is not None else torch.ones(size, dtype=torch.float64)
             blocks.append(functools.reduce(torch.kron, axis.factors) @ torch.diag(signs))
     torch.testing.assert_close(full_matrix(identity, shape), functools.reduce(torch.kron, blocks), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "none", False])
+def test_an_invalid_max_rotated_dim_fails_clearly(value):
+    with pytest.raises(MaxRotatedDimError, match=rf"invalid max_rotated_dim={value!r}: use an int >= 1"):
+        make_rotation((8, 5000), "hadamard", max_rotated_dim=value)
 
 
 def test_unknown_long_axis_transform_fails_clearly():

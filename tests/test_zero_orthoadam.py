@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import ds_orthoadam
-from ds_orthoadam.zero_orthoadam import (DeepSpeedConfigError, RotationMismatchError, export_fp32_state_dict,
-                                         resolve_config)
+from ds_orthoadam.zero_orthoadam import (CLIENT_STATE_KEY, DeepSpeedConfigError, RotationMismatchError,
+                                         export_fp32_state_dict, resolve_config)
 from ds_orthoadam.orthoadam import OrthoAdam
 from zero_harness import (BETAS, CLIP, EPS, FP16, GRAD_ACCUM, LR, ROTATION, SEED, STEPS, WEIGHT_DECAY, ds_config,
                           init_single_rank_process_group, loss_of, max_abs_diff, micro_batch, reference_run,
@@ -259,6 +259,8 @@ def test_orthoadam_translates_to_deepspeed_adamw_and_other_names_pass_through():
     translated, spec = resolve_config(_orthoadam_config(rotation="hadamard", seed=7))
     assert translated["optimizer"]["type"] == "AdamW" and "rotation" not in translated["optimizer"]["params"]
     assert (spec.rotation, spec.seed) == ("hadamard", 7)
+    assert spec.max_rotated_dim == 16384
+    assert resolve_config(_orthoadam_config(max_rotated_dim=None))[1].max_rotated_dim is None
     for name in ("AdamW", "Lamb", "SGD"):
         config = {**ds_config(stage=1), "optimizer": {"type": name, "params": {"lr": 0.1}}}
         assert resolve_config(config) == (config, None)
@@ -271,6 +273,8 @@ def test_orthoadam_translates_to_deepspeed_adamw_and_other_names_pass_through():
     (_orthoadam_config(seed=1.5), "optimizer.params.seed"),
     (_orthoadam_config(rotation="permutation"), "optimizer.params.rotation"),
     (_orthoadam_config(long_axis="skip"), "optimizer.params.long_axis"),
+    (_orthoadam_config(max_rotated_dim=0), "optimizer.params.max_rotated_dim"),
+    (_orthoadam_config(max_rotated_dim="all"), "optimizer.params.max_rotated_dim"),
     (_orthoadam_config(momentum=0.9), "optimizer.params.momentum"),
     ({**_orthoadam_config(), "zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
     ({**_orthoadam_config(), "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
@@ -319,11 +323,11 @@ def test_loading_with_other_rotations_or_a_plain_checkpoint_fails_clearly(tmp_pa
         _one_rank_engine(ds_config(stage=1)).load_checkpoint(str(tmp_path / "plain"), tag="t")
 
 
-def _hadamard_engine(version: int | None = None):
+def _hadamard_engine(version: int | None = None, **rotation_params):
     """A one-rank Hadamard OrthoAdam engine (the llama MLP axis, 160 = 5 * 32, has an odd block); ``version``
     rebuilds its frame with that rotation scheme before any step, as a run started with that release would be."""
     config = ds_config(stage=1)
-    config["optimizer"]["params"]["rotation"] = "hadamard"
+    config["optimizer"]["params"].update(rotation="hadamard", **rotation_params)
     init_single_rank_process_group()
     model = tiny_model("llama")
     engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -339,6 +343,20 @@ def _train(engine, steps: range) -> None:
         engine.step()
 
 
+def assert_resumes_like_the_writer_and_exports_real_weights(writer, resumed, checkpoint_dir, tag: str) -> None:
+    """Two more steps of the writer (which saved ``tag`` after step 2) and of the engine resumed from it agree bit for
+    bit, and the export of ``tag`` gives the module weights the writer had when it saved."""
+    _train(writer, range(2, 4))
+    _train(resumed, range(2, 4))
+    for (name, param), (_, expected) in zip(resumed.module.named_parameters(), writer.module.named_parameters()):
+        assert torch.equal(param, expected), name
+    exported = export_fp32_state_dict(str(checkpoint_dir), tag=tag)
+    writer_at_save = _hadamard_engine()
+    writer_at_save.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_only=True)
+    for name, param in writer_at_save.module.named_parameters():
+        torch.testing.assert_close(exported[name], param.detach(), rtol=0, atol=1e-6)
+
+
 def test_a_checkpoint_from_rotation_scheme_1_goes_on_in_its_frame(tmp_path):
     writer = _hadamard_engine(version=1)
     _train(writer, range(2))
@@ -348,21 +366,33 @@ def test_a_checkpoint_from_rotation_scheme_1_goes_on_in_its_frame(tmp_path):
     with pytest.warns(RuntimeWarning, match="rotation scheme version 1: this run goes on with it"):
         resumed.load_checkpoint(str(tmp_path), tag="v1")
     assert resumed.orthoadam_frame.spec.version == 1
-    _train(writer, range(2, 4))
-    _train(resumed, range(2, 4))
-    for (name, param), (_, expected) in zip(resumed.module.named_parameters(), writer.module.named_parameters()):
-        assert torch.equal(param, expected), name
     # The export regenerates version 1's rotations from the checkpoint's record.
-    exported = export_fp32_state_dict(str(tmp_path), tag="v1")
-    writer_at_save = _hadamard_engine()
-    writer_at_save.load_checkpoint(str(tmp_path), tag="v1", load_module_only=True)
-    for name, param in writer_at_save.module.named_parameters():
-        torch.testing.assert_close(exported[name], param.detach(), rtol=0, atol=1e-6)
+    assert_resumes_like_the_writer_and_exports_real_weights(writer, resumed, tmp_path, "v1")
     # Control: version 2's frame differs (the MLP matrices' odd block), so a resume in it would not match.
     version_2 = _hadamard_engine().orthoadam_frame.rotations
     x = torch.randn(160, 64)
     assert (resumed.orthoadam_frame.rotations["model.layers.0.mlp.up_proj.weight"].rotate(x)
             - version_2["model.layers.0.mlp.up_proj.weight"].rotate(x)).abs().max() > 1e-3
+
+
+def test_a_checkpoint_from_before_max_rotated_dim_goes_on_rotating_every_axis(tmp_path):
+    writer = _hadamard_engine(max_rotated_dim=None)
+    _train(writer, range(2))
+    writer.save_checkpoint(str(tmp_path), tag="old")
+    # As a release before max_rotated_dim wrote it: the rotation record has no such field.
+    states_file = next((tmp_path / "old").glob("*model_states.pt"))
+    states = torch.load(states_file, weights_only=False)
+    del states[CLIENT_STATE_KEY]["max_rotated_dim"]
+    torch.save(states, states_file)
+    resumed = _hadamard_engine(max_rotated_dim=100)  # would leave the 160-wide MLP axis and the vocabulary unrotated
+    with pytest.warns(RuntimeWarning, match="written before max_rotated_dim existed, with every axis rotated"):
+        resumed.load_checkpoint(str(tmp_path), tag="old")
+    assert resumed.orthoadam_frame.spec.max_rotated_dim is None
+    assert_resumes_like_the_writer_and_exports_real_weights(writer, resumed, tmp_path, "old")
+    # A checkpoint that records max_rotated_dim is held to it like to any other rotation setting.
+    writer.save_checkpoint(str(tmp_path), tag="new")
+    with pytest.raises(RotationMismatchError, match="'max_rotated_dim': None"):
+        _hadamard_engine(max_rotated_dim=100).load_checkpoint(str(tmp_path), tag="new")
 
 
 def test_a_checkpoint_from_an_unknown_rotation_scheme_fails_clearly(tmp_path):
