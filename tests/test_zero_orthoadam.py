@@ -197,10 +197,11 @@ def test_export_gives_real_weights_not_rotated_frame(runs, family):
     assert max_abs_diff(rotated, theta) > 1e-2
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(stage):
+@pytest.mark.parametrize("stage,rotation_params", [(0, {}), (1, {}), (2, {}), (1, {"max_rotated_dim": 100})])
+def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(stage, rotation_params):
     """The usual no-weight-decay group for 1-D parameters. Under ZeRO-1/2 DeepSpeed replaces each group's params by
-    its flat partition during initialize; the frame was once read after that and came out empty (plain AdamW)."""
+    its flat partition during initialize; the frame was once read after that and came out empty (plain AdamW).
+    ``max_rotated_dim=100``: the vocabulary (256) and MLP (160) axes are left unrotated, the hidden axis (64) not."""
     init_single_rank_process_group()
     model, reference = tiny_model("llama"), tiny_model("llama")
 
@@ -210,9 +211,10 @@ def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(sta
                  **({} if decay else {"weight_decay": 0.0})} for named, decay in zip(split, (True, False))]
 
     config = {**ds_config(stage=stage), "gradient_accumulation_steps": 1}
+    config["optimizer"]["params"].update(rotation_params)
     engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=iter(groups(model, False)), config=config)
     optimizer = OrthoAdam(groups(reference, True), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                          rotation=ROTATION, seed=SEED)
+                          rotation=ROTATION, seed=SEED, **rotation_params)
     for step in range(3):
         tokens = micro_batch(step, 0, 0)
         engine.backward(loss_of(engine, tokens))
