@@ -8,7 +8,7 @@ from data_fixtures import corpus, make_documents, tokenizer, tokenizer_dir, writ
 from ds_orthoadam.data.errors import DataSourceError
 from ds_orthoadam.data.sources import DataSource, resolve_source
 from ds_orthoadam.data.stream import TrainStream
-from ds_orthoadam.data.tokenizer import encode_documents
+from ds_orthoadam.data.tokenizer import encode_documents, load_tokenizer
 
 SEQ_LEN, BATCH = 32, 4
 
@@ -163,9 +163,9 @@ def test_too_little_data_for_the_readers_fails_clearly(tmp_path, tokenizer):
         next(iter(TrainStream(empty, tokenizer, SEQ_LEN, BATCH)))
 
 
-def _two_rank_worker(rank, directory, tokenizer, consumed, init_file, out_file):
+def _two_rank_worker(rank, directory, tokenizer_dir, consumed, init_file, out_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    stream = TrainStream(directory, tokenizer, SEQ_LEN, BATCH, rank, 2, shuffle_block=16)
+    stream = TrainStream(directory, load_tokenizer(tokenizer_dir), SEQ_LEN, BATCH, rank, 2, shuffle_block=16)
     list(islice(iter(stream), consumed + rank))  # ranks may differ; each state is its own
     states = stream.gathered_state_dict()
     if rank == 0:
@@ -174,11 +174,13 @@ def _two_rank_worker(rank, directory, tokenizer, consumed, init_file, out_file):
     torch.distributed.destroy_process_group()
 
 
-def test_gathered_states_resume_every_rank(corpus, tokenizer, tmp_path):
+def test_gathered_states_resume_every_rank(corpus, tokenizer, tokenizer_dir, tmp_path):
     out_file = str(tmp_path / "states.pt")
+    # Spawned, not forked: a forked worker would inherit a process group that an earlier test in this pytest process
+    # may have initialised (the in-process DeepSpeed tests), and could not initialise its own.
     torch.multiprocessing.start_processes(
-        _two_rank_worker, args=(corpus["dir"], tokenizer, 11, str(tmp_path / "init"), out_file), nprocs=2,
-        start_method="fork")
+        _two_rank_worker, args=(corpus["dir"], tokenizer_dir, 11, str(tmp_path / "init"), out_file), nprocs=2,
+        start_method="spawn")
     states = torch.load(out_file)
     for rank in range(2):
         reference = list(islice(iter(TrainStream(corpus["dir"], tokenizer, SEQ_LEN, BATCH, rank, 2,
