@@ -231,24 +231,55 @@ def test_cpu_progress_lines_omit_mfu(reference_run):
     assert all(MFU_TAG not in row for row in map(json.loads, (reference_run / "metrics.jsonl").open()))
 
 
-def test_export_reloads_with_identical_logits(reference_run, corpus):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def assert_export_has_the_checkpoints_module_weights(run_dir: Path, tag: str):
+    """The Hugging Face export reloads with the logits of the module state DeepSpeed stored in checkpoint ``tag`` (a
+    second path to the same weights: under ZeRO-1/2 the export reads the fp32 master partitions, which OrthoAdam keeps
+    in its rotated frame, and rotates them back). Returns the reloaded export."""
+    from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(reference_run / "hf").eval()
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
     assert exported.config._attn_implementation == "softmax1"
-    # Second path to the same weights: the module state DeepSpeed stored in the final checkpoint (the export reads the
-    # fp32 master partitions, which OrthoAdam keeps in its rotated frame, and rotates them back).
-    run = json.loads((reference_run / "run.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
     reference = build_model(**run["model_args"]).eval()
-    states = torch.load(reference_run / "checkpoints" / "global_step6" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
+    states = torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
     reference.load_state_dict(states["module"])
     ids = torch.randint(0, exported.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, reference(ids).logits)
+    return exported
+
+
+def test_export_reloads_with_identical_logits(reference_run, corpus):
+    from transformers import AutoTokenizer
+
+    assert_export_has_the_checkpoints_module_weights(reference_run, "global_step6")
     text = "kan lot mis nela."
     original = AutoTokenizer.from_pretrained(corpus["tokenizer"])
     assert AutoTokenizer.from_pretrained(reference_run / "hf")(text).input_ids == original(text).input_ids
+
+
+def test_zero_stage_0_trains_resumes_and_exports(corpus, tmp_path):
+    """``--set zero_optimization.stage=0``: no optimizer partition files, OrthoAdam steps the module's own
+    parameters (fp32), the export takes the checkpoint's module weights; a resume from step 2 repeats the losses of
+    steps 3 and 4 (step 4's depends on the moments restored with the checkpoint)."""
+    run_dir = tmp_path / "stage0"
+    common = ("--set", "zero_optimization.stage=0", "--checkpoint-every", "2", "--log-every", "1",
+              "--outlier-every", "0", "--eval-every", "0", "--train-steps", "4")
+    returncode, output = launch(corpus, run_dir, *common)
+    assert returncode == 0, output[-4000:]
+    assert not list((run_dir / "checkpoints").rglob("*_optim_states.pt"))
+    assert_export_has_the_checkpoints_module_weights(run_dir, "global_step4")
+    first = losses(run_dir)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed, ignore=shutil.ignore_patterns("global_step4", "hf", "metrics.jsonl"))
+    (resumed / "checkpoints" / "latest").write_text("global_step2")
+    returncode, output = launch(corpus, resumed, "--resume", "auto", *common)
+    assert returncode == 0, output[-4000:]
+    again = losses(resumed)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert again[step] == pytest.approx(first[step], rel=1e-6), step
 
 
 def test_ctrl_c_saves_a_complete_checkpoint_and_exits_nonzero(corpus, tmp_path):
