@@ -286,6 +286,9 @@ class Trainer:
                              f"{self.identity['optimizer']}) on {self.world_size} rank(s): steps {self.step + 1}.."
                              f"{self.total_steps}, {self.tokens_per_step:,} tokens/step, "
                              f"accumulation {self.gradient_accumulation}, output {self.output_dir}")
+        frame = getattr(self.engine, "orthoadam_frame", None)
+        if frame is not None:
+            self.telemetry.print(frame.summary())
         args = self.args
         while self.step < self.total_steps:
             logged = (self.step + 1) % args.log_every == 0

@@ -252,6 +252,32 @@ class RotatedFrame:
         """Bytes taken by all rotations (the same on every rank: they are not sharded)."""
         return sum(rotation.nbytes for rotation in self.rotations.values())
 
+    def unrotated_axes(self) -> list[tuple[str, str, int]]:
+        """(parameter name, its dims, length) of every axis longer than 1 that the spec leaves unrotated (longer than
+        ``max_rotated_dim``, or than ``max_dense_dim`` with ``long_axis="identity"``), in parameter order."""
+        spec, found = self.spec, []
+        for name, param in self.params.items():
+            for axis, size in enumerate(rotations.matrix_view(param.shape)):
+                transform = rotations.axis_kind(spec.rotation, size, spec.max_dense_dim, spec.long_axis,
+                                                spec.max_rotated_dim)
+                if size > 1 and transform == "identity":
+                    dims = f"dim {axis}" if axis == 0 or param.dim() == 2 else f"dims 1-{param.dim() - 1}"
+                    found.append((name, dims, size))
+        return found
+
+    def summary(self, most: int = 4) -> str:
+        """One line for the training log: the rotation settings and the axes left unrotated (the first ``most``)."""
+        spec = self.spec
+        line = (f"OrthoAdam rotations: {spec.rotation}, seed {spec.seed}, scheme version {spec.version}, "
+                f"{self.nbytes / 2**20:.2f} MiB per rank")
+        unrotated = self.unrotated_axes()
+        if not unrotated:
+            return f"{line}; every axis rotated"
+        shown = ", ".join(f"{name} {dims} ({size})" for name, dims, size in unrotated[:most])
+        more = f" and {len(unrotated) - most} more" if len(unrotated) > most else ""
+        return (f"{line}; left unrotated (max_rotated_dim={spec.max_rotated_dim}, long_axis={spec.long_axis}): "
+                f"{shown}{more}")
+
     def _rotated(self, name: str, tensor: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Q x (or Q^T x) of a parameter-shaped tensor, computed in fp32; the result may live in a scratch buffer
         (valid until the next call)."""

@@ -231,6 +231,12 @@ def test_cpu_progress_lines_omit_mfu(reference_run):
     assert all(MFU_TAG not in row for row in map(json.loads, (reference_run / "metrics.jsonl").open()))
 
 
+def test_the_log_says_what_orthoadam_rotates(reference_run):
+    log = (reference_run.parent / "reference.log").read_text()
+    assert "OrthoAdam rotations: hadamard, seed 0, scheme version 2, " in log
+    assert " MiB per rank; every axis rotated" in log  # a 384-token vocabulary is below max_rotated_dim
+
+
 def assert_export_has_the_checkpoints_module_weights(run_dir: Path, tag: str):
     """The Hugging Face export reloads with the logits of the module state DeepSpeed stored in checkpoint ``tag`` (a
     second path to the same weights: under ZeRO-1/2 the export reads the fp32 master partitions, which OrthoAdam keeps

@@ -201,7 +201,8 @@ def test_export_gives_real_weights_not_rotated_frame(runs, family):
 def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(stage, rotation_params):
     """The usual no-weight-decay group for 1-D parameters. Under ZeRO-1/2 DeepSpeed replaces each group's params by
     its flat partition during initialize; the frame was once read after that and came out empty (plain AdamW).
-    ``max_rotated_dim=100``: the vocabulary (256) and MLP (160) axes are left unrotated, the hidden axis (64) not."""
+    ``max_rotated_dim=100``: the vocabulary (256), attention (128) and MLP (160) axes are left unrotated, the hidden
+    axis (64) not."""
     init_single_rank_process_group()
     model, reference = tiny_model("llama"), tiny_model("llama")
 
@@ -301,6 +302,20 @@ def _one_rank_engine(config: dict, accumulation: int = 1):
     return engine
 
 
+def test_the_frame_names_the_axes_it_leaves_unrotated():
+    """max_rotated_dim=100 on the tiny llama (vocabulary 256, attention 128, MLP 160, hidden 64): every axis over
+    100, found here from the parameters' shapes, is named; by default every axis of it is rotated."""
+    limited = _hadamard_engine(max_rotated_dim=100).orthoadam_frame
+    expected = [(name, f"dim {dim}", size) for name, p in limited.params.items() for dim, size in enumerate(p.shape)
+                if size > 100]
+    assert len(expected) == 2 + 7 * 2 and limited.unrotated_axes() == expected
+    assert limited.summary().startswith("OrthoAdam rotations: hadamard, seed 1234, scheme version 2, ")
+    name, dims, size = expected[0]
+    assert f"left unrotated (max_rotated_dim=100, long_axis=hadamard): {name} {dims} ({size}), " in limited.summary()
+    assert limited.summary().endswith(" and 12 more")
+    assert _hadamard_engine().orthoadam_frame.summary().endswith("; every axis rotated")
+
+
 def test_per_micro_batch_rotation_with_accumulation_is_announced(recwarn):
     _one_rank_engine(ds_config(stage=1), accumulation=2)
     _one_rank_engine({**ds_config(stage=1), "zero_optimization": {"stage": 1, "overlap_comm": True}}, accumulation=2)
@@ -386,7 +401,7 @@ def test_a_checkpoint_from_before_max_rotated_dim_goes_on_rotating_every_axis(tm
     states = torch.load(states_file, weights_only=False)
     del states[CLIENT_STATE_KEY]["max_rotated_dim"]
     torch.save(states, states_file)
-    resumed = _hadamard_engine(max_rotated_dim=100)  # would leave the 160-wide MLP axis and the vocabulary unrotated
+    resumed = _hadamard_engine(max_rotated_dim=100)  # would leave every axis but the 64-wide hidden one unrotated
     with pytest.warns(RuntimeWarning, match="written before max_rotated_dim existed, with every axis rotated"):
         resumed.load_checkpoint(str(tmp_path), tag="old")
     assert resumed.orthoadam_frame.spec.max_rotated_dim is None
