@@ -57,8 +57,8 @@ def softmax1(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def _causal_mask(query_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
-    """Boolean causal mask, bottom-right aligned: query i is token ``kv_length - query_length + i``."""
-    return torch.ones(query_length, kv_length, dtype=torch.bool, device=device).tril(kv_length - query_length)
+    """Boolean causal mask, upper-left aligned like SDPA's ``is_causal``: query i sees keys 0..i."""
+    return torch.ones(query_length, kv_length, dtype=torch.bool, device=device).tril()
 
 
 def _explicit_mask(
@@ -66,8 +66,10 @@ def _explicit_mask(
 ) -> torch.Tensor | None:
     """The mask to apply, or None when every query may see every key.
 
-    transformers passes ``attention_mask=None`` when the mask is purely causal (it expects SDPA's ``is_causal``);
-    causality is then restored here.
+    transformers passes ``attention_mask=None`` when the mask is purely causal and expects SDPA's ``is_causal``
+    (``masking_utils._ignore_causal_mask_sdpa``): one query sees every key; several queries see keys upper-left
+    aligned. That is also right where the keys outnumber the queries, a static cache's first forward: the cache's
+    later slots are not written yet, and each would add exp(0) to softmax-1's denominator if it were visible.
     """
     if attention_mask is not None:
         return attention_mask[..., :kv_length]
@@ -101,7 +103,8 @@ def softmax1_eager_attention(
     n_rep = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    # Scaled before the product, as SDPA does: an unscaled fp16 q.k can overflow where the logit itself fits.
+    scores = torch.matmul(query * scale, key.transpose(2, 3))
     mask = _explicit_mask(module, query, key.shape[2], attention_mask, kwargs)
     probs = softmax1(_apply_mask(scores, mask)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)

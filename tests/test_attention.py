@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ds_orthoadam  # noqa: F401  (registers softmax1)
-from ds_orthoadam.attention import softmax1, softmax1_eager_attention, softmax1_sdpa_attention
+from ds_orthoadam.attention import softmax1, softmax1_attention, softmax1_eager_attention, softmax1_sdpa_attention
 from ds_orthoadam.models import build_model
 
 
@@ -170,6 +170,50 @@ def test_left_padded_batch_equals_unpadded_rows(name, implementation):
         alone_short = model(short_row[None]).logits
     torch.testing.assert_close(batched[0], alone_long[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched[1, pad:], alone_short[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("implementation", ["softmax1", "softmax1_sdpa", "softmax1_eager"])
+def test_static_cache_generation_equals_generation_without_a_cache(name, implementation):
+    """A static cache's first forward gets no mask while its keys are the whole cache, slots not written yet
+    included (transformers then means SDPA's upper-left causality); those slots must stay invisible. Reference: the
+    logits of a forward without cache, and greedy decoding by full forwards over the growing sequence."""
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    model = build_model(name, attention="softmax1").eval()
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(8)  # sharper logits: greedy choices are decisive
+    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cached = model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=32), use_cache=True)
+        torch.testing.assert_close(cached.logits, model(ids, use_cache=False).logits, rtol=0, atol=1e-4)
+        expected = ids
+        for _ in range(6):
+            following = model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, following], dim=1)
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0, cache_implementation="static")
+    assert generated.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_float16_logits_that_fit_give_the_same_finite_output_with_or_without_weights(output_attentions):
+    """q.k = 102400 overflows float16, the scaled logit 12800 does not. All logits are equal, so softmax-1 gives
+    query i the mean of values 0..i (exp(-12800) vanishes); both paths of softmax1 must return it."""
+    class Attention(nn.Module):
+        num_key_value_groups, is_causal = 1, True
+
+    length, head_dim = 4, 64
+    query = torch.full((1, 1, length, head_dim), 40.0, dtype=torch.float16)
+    value = torch.randn(1, 1, length, head_dim, generator=torch.Generator().manual_seed(0)).half()
+    expected = torch.stack([value[0, 0, :i + 1].double().mean(0) for i in range(length)])
+    output, _ = softmax1_attention(Attention().eval(), query, query.clone(), value, None, scaling=head_dim**-0.5,
+                                   output_attentions=output_attentions)
+    torch.testing.assert_close(output[0, :, 0].double(), expected, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

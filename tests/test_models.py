@@ -12,6 +12,7 @@ from ds_orthoadam.models import (
     SingleScaleRMSNorm,
     build_model,
     meta_parameter_count,
+    set_attention,
 )
 
 
@@ -94,3 +95,21 @@ def test_saved_softmax1_model_reloads_with_softmax1_and_identical_logits(tmp_pat
     ids = torch.randint(3, model.config.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("switch_to", ["softmax1", "softmax"])
+def test_set_attention_switches_the_running_model_and_what_a_save_records(tmp_path, switch_to):
+    """Reference for the switched model: one built with that attention from the start (same seed, same weights)."""
+    start = "softmax" if switch_to == "softmax1" else "softmax1"
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", attention=start).eval()
+    torch.manual_seed(0)
+    reference = build_model("llama-tiny", attention=switch_to).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    set_attention(model.config, switch_to)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
