@@ -19,6 +19,7 @@ long_axis=long_axis, max_rotated_dim=max_rotated_dim)``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -161,7 +162,9 @@ class OrthoAdam(Optimizer):
         The saved groups' ``rotation``, ``seed``, ``max_dense_dim``, ``long_axis``, ``max_rotated_dim`` and
         ``rotation_version`` replace the current ones (as for any torch hyper-parameter), so the moments are used in
         the frame they were accumulated in: a run started with an earlier rotation scheme goes on with it, and one
-        from before ``max_rotated_dim`` existed goes on rotating every axis.
+        from before ``max_rotated_dim`` existed goes on rotating every axis (a warning says so for either). The
+        rotation keys are the saved run's too: names if it had them, else ``param{i}``. Moments keep their saved
+        float32 (torch would cast them to a half-precision parameter's dtype).
         """
         for group in state_dict["param_groups"]:
             try:
@@ -175,6 +178,7 @@ class OrthoAdam(Optimizer):
                 f"state dict holds {len(saved_ids)} parameters but this optimiser has {len(current)}: "
                 "load it into an optimiser built over the same model and param groups"
             )
+        moments: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for saved_id, (_, parameter, key) in zip(saved_ids, current):
             saved = state_dict["state"].get(saved_id, {})
             for name in ("exp_avg", "exp_avg_sq"):
@@ -184,12 +188,31 @@ class OrthoAdam(Optimizer):
                         f"the parameter has shape {tuple(parameter.shape)}: the checkpoint belongs to a different "
                         "model configuration"
                     )
+                if name in saved:
+                    moments.setdefault(parameter, {})[name] = saved[name]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for parameter, saved in moments.items():
+            for name, tensor in saved.items():
+                self.state[parameter][name] = tensor.to(parameter.device, _state_dtype(parameter), copy=True)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            if "param_names" not in saved_group:  # torch fills in the current names: the saved keys were param{i}
+                group.pop("param_names", None)
             group.setdefault("long_axis", DEFAULT_LONG_AXIS)  # version-1 state dicts from before long_axis existed
             group.setdefault("max_rotated_dim", None)  # state dicts from before it existed rotated every axis
             _validate_group(group)
+        self._warn_about_earlier_frames(state_dict["param_groups"])
         self._rotations.clear()
+
+    @staticmethod
+    def _warn_about_earlier_frames(saved_groups: list[dict[str, Any]]) -> None:
+        versions = {group["rotation_version"] for group in saved_groups} - {ROTATION_VERSION}
+        if versions:
+            warnings.warn(f"state dict written with rotation scheme version {min(versions)}: this run goes on with it "
+                          f"(new runs use version {ROTATION_VERSION})", RuntimeWarning, stacklevel=3)
+        if any("max_rotated_dim" not in group for group in saved_groups):
+            warnings.warn("state dict written before max_rotated_dim existed, with every axis rotated: this run goes "
+                          f"on that way (new runs leave axes over {DEFAULT_MAX_ROTATED_DIM} unrotated by default)",
+                          RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -205,6 +205,18 @@ def _apply_along_axis(matrix: torch.Tensor, x: torch.Tensor, axis: int) -> torch
     return torch.movedim(torch.tensordot(matrix, x, dims=([1], [axis])), 0, axis).contiguous()
 
 
+def _hadamard_along_axis(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard transform along a power-of-two ``axis`` of ``x``, as Kronecker blocks of at
+    most 2^HADAMARD_BLOCK_LOG2 (H_{2^a} = H_{2^b} kron H_{2^c} for b + c = a): O(n) memory and O(n log n) work, where
+    the dense matrix of a window (up to 16384 wide below the default max_rotated_dim) takes n^2 of each."""
+    shape = list(x.shape)
+    blocks = _hadamard_block_sizes(shape[axis])
+    y = x.reshape(shape[:axis] + blocks + shape[axis + 1:])
+    for offset, block in enumerate(blocks):
+        y = _apply_along_axis(_shared_hadamard(block, x.device, x.dtype), y, axis + offset)
+    return y.reshape(shape)
+
+
 @dataclass
 class _Windows:
     """Overlapping signed power-of-two Hadamard windows for lengths with a large prime factor."""
@@ -217,9 +229,6 @@ class _Windows:
     def width(self) -> int:
         return self.signs[0].numel()
 
-    def _hadamard(self, like: torch.Tensor) -> torch.Tensor:
-        return normalised_hadamard(self.width).to(like)
-
     def apply(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         starts = [0, self.size - self.width, 0]
         for index, (start, signs) in enumerate(zip(starts, self.signs)):
@@ -228,7 +237,7 @@ class _Windows:
             window = x.narrow(axis, start, self.width)
             shape = [1] * x.dim()
             shape[axis] = self.width
-            mixed = _apply_along_axis(self._hadamard(x), window * signs.to(x).view(shape), axis)
+            mixed = _hadamard_along_axis(window * signs.to(x).view(shape), axis)
             x = x.clone() if index == 0 else x
             x.narrow(axis, start, self.width).copy_(mixed)
         return x
@@ -240,7 +249,7 @@ class _Windows:
             shape = [1] * x.dim()
             shape[axis] = self.width
             window = x.narrow(axis, starts[index], self.width)
-            mixed = _apply_along_axis(self._hadamard(x), window, axis) * self.signs[index].to(x).view(shape)
+            mixed = _hadamard_along_axis(window, axis) * self.signs[index].to(x).view(shape)
             window.copy_(mixed)
             if index == 2:
                 x = x.index_copy(axis, self.permutation, x)
@@ -443,6 +452,8 @@ class Rotation:
         valid until the workspace is reused; x may itself live in a workspace buffer.
         """
         self._check(x)
+        if not self.axes:  # a scalar or an empty tensor: Q is the identity
+            return x.clone()
         plan = self._cpu_plan(x, transpose=False)
         if plan is not None:
             return self._apply_cpu_plan(plan, x, workspace)
@@ -453,6 +464,8 @@ class Rotation:
     def unrotate(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """``Q^T x``, the inverse of :meth:`rotate` (same contract for ``workspace``)."""
         self._check(x)
+        if not self.axes:
+            return x.clone()
         plan = self._cpu_plan(x, transpose=True)
         if plan is not None:
             return self._apply_cpu_plan(plan, x, workspace)
@@ -543,6 +556,8 @@ def make_rotation(
     check_version(version)
     shape = torch.Size(shape)
     axes = []
+    if shape.numel() == 0:  # nothing to rotate (an axis of length 0): the identity, like a scalar
+        return Rotation(shape, axes)
     for axis, size in enumerate(matrix_view(shape)):
         if size <= 1:
             continue

@@ -415,10 +415,10 @@ class OrthoAdamEngineHooks:
         client_state = {**(client_state or {}), CLIENT_STATE_KEY: asdict(self.frame.spec)}
         return original_save(save_dir, tag=tag, client_state=client_state, **kwargs)
 
-    def _follow_saved_rotations(self, record: dict, load_path: str, module_only: bool) -> None:
-        """Refuse a checkpoint trained with other rotation settings. One written by an earlier release goes on in its
-        own frame (where its master weights and moments live), unless only the module was loaded: that is one from
-        an earlier rotation scheme version, or from before ``max_rotated_dim`` existed (it rotated every axis)."""
+    def _follow_saved_rotations(self, record: dict, load_path: str) -> None:
+        """Refuse a checkpoint trained with other rotation settings (its master weights and moments live in another
+        frame). One written by an earlier release goes on in its own frame: one from an earlier rotation scheme
+        version, or from before ``max_rotated_dim`` existed (it rotated every axis)."""
         saved, current = saved_rotation_spec(record), self.frame.spec
         followed = {"version"} | {name for name in _FIELDS_ADDED_LATER if name not in record}
         if replace(saved, **{name: getattr(current, name) for name in followed}) != current:
@@ -426,7 +426,7 @@ class OrthoAdamEngineHooks:
                 f"checkpoint {load_path} was trained with OrthoAdam rotations {asdict(saved)} but this engine uses "
                 f"{asdict(current)}: set optimizer.params rotation/seed/max_dense_dim/long_axis/max_rotated_dim to "
                 "the saved values")
-        if saved == current or module_only:
+        if saved == current:
             return
         _check_buildable(saved, f"checkpoint {load_path}")
         self.frame.adopt(saved)
@@ -449,16 +449,18 @@ class OrthoAdamEngineHooks:
         if load_path is None:
             return load_path, client_state
         saved = (client_state or {}).pop(CLIENT_STATE_KEY, None)
-        if saved is None and not module_only:
+        if module_only:
+            # Only the real weights theta are taken, whatever frame (or plain optimiser) wrote them; DeepSpeed has
+            # refreshed the master from the module, which is set to this engine's Q theta.
+            self._set_master_from_module()
+        elif saved is None:
             raise RotationMismatchError(
                 f"checkpoint {load_path} was not written by OrthoAdam (no rotation record), so its optimizer state "
                 "is in the real frame: load it with load_module_only=True to start OrthoAdam from its weights")
-        if saved is not None:
-            self._follow_saved_rotations(saved, load_path, module_only)
-        # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint, so
-        # the resumed run is bit-identical. Without optimizer states DeepSpeed refreshes the master from the module.
-        if module_only:
-            self._set_master_from_module()
+        else:
+            # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint,
+            # so the resumed run is bit-identical, in the frame the checkpoint's moments live in.
+            self._follow_saved_rotations(saved, load_path)
         return load_path, client_state
 
 

@@ -190,9 +190,51 @@ def test_a_state_dict_from_before_max_rotated_dim_existed_resumes_rotating_every
 
     params = make_params()
     reference = OrthoAdam(groups_of(params, True), lr=0.01, rotation="hadamard", max_rotated_dim=None)
-    resumed = resume_in_a_new_optimiser(reference, params, drop_max_rotated_dim, lr=0.01, rotation="hadamard",
-                                        max_rotated_dim=8)
+    with pytest.warns(RuntimeWarning, match="written before max_rotated_dim existed, with every axis rotated"):
+        resumed = resume_in_a_new_optimiser(reference, params, drop_max_rotated_dim, lr=0.01, rotation="hadamard",
+                                            max_rotated_dim=8)
     assert all(group["max_rotated_dim"] is None for group in resumed.param_groups)
+
+
+def test_a_state_dict_without_names_resumes_in_its_param_i_frame_in_a_named_optimiser():
+    """Rotations are keyed by name or by "param{i}": a run saved without names goes on with "param{i}" keys."""
+    params = make_params()
+    reference = OrthoAdam(groups_of(params, False), lr=0.01, rotation="hadamard")
+    resumed = resume_in_a_new_optimiser(reference, params, lr=0.01, rotation="hadamard")
+    assert [key for _, _, key in resumed.parameter_keys()] == [f"param{i}" for i in range(len(SHAPES))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_resume_bit_identically_with_float32_moments(dtype):
+    params = make_params(dtype)
+    grads = gradient_stream(4, dtype)
+    reference = OrthoAdam(groups_of(params, True), lr=0.01, rotation="hadamard")
+    run(reference, params, grads[:2])
+    state = torch.load(io.BytesIO(_saved(reference.state_dict())))
+    restored = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    resumed = OrthoAdam(groups_of(restored, True), lr=0.01, rotation="hadamard")
+    resumed.load_state_dict(state)
+    assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in resumed.state.values())
+    run(reference, params, grads[2:])
+    run(resumed, restored, grads[2:])
+    for name in params:
+        assert torch.equal(params[name].detach(), restored[name].detach()), name
+
+
+def _saved(state_dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (0,), (3, 0, 2)])
+def test_empty_parameters_step_like_adamw(shape):
+    ortho, plain = torch.nn.Parameter(torch.ones(shape)), torch.nn.Parameter(torch.ones(shape))
+    for parameter, optimizer in ((ortho, OrthoAdam([ortho], rotation="hadamard")),
+                                 (plain, torch.optim.AdamW([plain], weight_decay=0.0))):
+        parameter.grad = torch.ones(shape)
+        optimizer.step()
+    assert ortho.shape == plain.shape == shape
 
 
 def one_step_update(shape: tuple[int, int], row: int, **kwargs) -> torch.Tensor:
@@ -240,7 +282,8 @@ def test_a_version_1_state_dict_resumes_in_the_version_1_frame():
     params = make_params()
     reference = OrthoAdam([{**group, "rotation_version": 1} for group in groups_of(params, True)], lr=0.01,
                           rotation="hadamard")
-    resumed = resume_in_a_new_optimiser(reference, params, lr=0.01, rotation="hadamard")
+    with pytest.warns(RuntimeWarning, match="rotation scheme version 1: this run goes on with it"):
+        resumed = resume_in_a_new_optimiser(reference, params, lr=0.01, rotation="hadamard")
     # ...and that frame is version 1's, which differs from version 2's where an axis has an odd part (6 = 3 * 2).
     group, parameter, key = next(e for e in resumed.parameter_keys() if e[2] == "blocks.0.weight")
     x = torch.randn(6, 10, dtype=torch.float64)

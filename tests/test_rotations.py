@@ -15,6 +15,7 @@ from ds_orthoadam.rotations import (
     RotationKindError,
     RotationVersionError,
     ScratchBuffers,
+    _hadamard_along_axis,
     haar_orthogonal,
     make_rotation,
     normalised_hadamard,
@@ -128,6 +129,16 @@ def test_unknown_long_axis_transform_fails_clearly():
 def test_hadamard_blocks_match_scipy(n):
     expected = torch.from_numpy(scipy.linalg.hadamard(n)).double() / math.sqrt(n)
     torch.testing.assert_close(normalised_hadamard(n), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("n,shape,axis", [(256, (256,), 0), (512, (3, 512, 2), 1), (2048, (2, 2048), 1)])
+def test_window_hadamard_transform_in_kronecker_blocks_matches_scipy(n, shape, axis):
+    """Windows (lengths with a prime factor > 256) apply H_w as Kronecker blocks of at most 16 instead of a dense
+    w x w matrix (1.2 GiB and 3.5 s per rotation for a 12289-long axis)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    dense = torch.from_numpy(scipy.linalg.hadamard(n)).double() / math.sqrt(n)
+    expected = torch.movedim(torch.tensordot(dense, x, dims=([1], [axis])), 0, axis)
+    torch.testing.assert_close(_hadamard_along_axis(x, axis), expected, rtol=0, atol=1e-12)
 
 
 def test_hadamard_rotation_does_not_flatten_a_one_hot_vector():

@@ -422,12 +422,20 @@ def test_a_checkpoint_from_an_unknown_rotation_scheme_fails_clearly(tmp_path):
         export_fp32_state_dict(str(tmp_path), tag="v3")
 
 
-def test_module_only_load_starts_orthoadam_from_real_weights(tmp_path):
-    plain = _one_rank_engine(ds_config(stage=1, optimizer="AdamW"))
-    plain.save_checkpoint(str(tmp_path), tag="t")
+@pytest.mark.parametrize("writer_params", [None, {"seed": SEED + 1}, {"max_rotated_dim": None}])
+@pytest.mark.parametrize("how", [{"load_module_only": True}, {"load_optimizer_states": False}])
+def test_module_only_load_starts_orthoadam_from_real_weights(tmp_path, writer_params, how):
+    """From a plain AdamW checkpoint (None) or one with other rotations: only its real weights are taken, and the
+    master is this engine's own frame applied to them."""
+    writer_config = ds_config(stage=1, optimizer="AdamW" if writer_params is None else "OrthoAdam")
+    writer_config["optimizer"]["params"].update(writer_params or {})
+    writer = _one_rank_engine(writer_config)
+    writer.save_checkpoint(str(tmp_path), tag="t")
     engine = _one_rank_engine(ds_config(stage=1))
-    engine.load_checkpoint(str(tmp_path), tag="t", load_module_only=True)
-    for (name, param), (_, saved) in zip(engine.module.named_parameters(), plain.module.named_parameters()):
+    spec = engine.orthoadam_frame.spec
+    engine.load_checkpoint(str(tmp_path), tag="t", **how)
+    assert engine.orthoadam_frame.spec == spec
+    for (name, param), (_, saved) in zip(engine.module.named_parameters(), writer.module.named_parameters()):
         assert torch.equal(param, saved), name
         rotation = engine.orthoadam_frame.rotations[name]
         assert torch.allclose(safe_get_full_fp32_param(param), rotation.rotate(saved.detach()), atol=1e-6), name
