@@ -160,11 +160,21 @@ class CheckpointManager:
             if not has_checkpoints:  # a run that never completed its first checkpoint leaves nothing to protect
                 _atomic_write(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")
             self._remove_incomplete()
-            if tag is not None:
-                self._supersede_newer_than(tag)
-                _atomic_write(self.checkpoint_dir / "latest", tag)
         _barrier()
         return tag
+
+    def resumed_from(self, tag: str) -> None:
+        """Make ``tag`` this run's current checkpoint once every rank has resumed from it; collective.
+
+        Newer complete checkpoints are set aside (:meth:`_supersede_newer_than`) and ``latest`` points at ``tag``.
+        Only now, not when the tag is chosen: a resume that fails (a missing shard, a config error, other data) must
+        leave the directory as it was, the newer checkpoints included.
+        """
+        _barrier()  # a rank that failed to resume never gets here, and neither do the others
+        if _is_rank0():
+            self._supersede_newer_than(tag)
+            _atomic_write(self.checkpoint_dir / "latest", tag)
+        _barrier()
 
     def _resume_tag(self, resume: str) -> str | None:
         if resume == "none":

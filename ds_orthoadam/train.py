@@ -256,6 +256,7 @@ class Trainer:
         self.step, self.tokens_seen = shared["step"], shared["tokens_seen"]
         self.stream.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
+        self.checkpoints.resumed_from(tag)
         if self.rank == 0:
             print(f"resumed from {self.checkpoints.checkpoint_dir / tag} at step {self.step}", flush=True)
 

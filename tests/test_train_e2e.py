@@ -196,6 +196,23 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(reference_run, c
     assert exported.keys() <= module.keys() and all(torch.equal(exported[k], module[k]) for k in exported)
 
 
+def test_a_failed_resume_from_an_older_checkpoint_leaves_the_newer_ones_in_place(reference_run, corpus, tmp_path):
+    """A resume that fails, here at the engine (a config error) and at the load (a missing shard), must not set the
+    newer checkpoints aside or move ``latest``: the directory stays as it was, global_step6 resumable."""
+    rerun = tmp_path / reference_run.name
+    shutil.copytree(reference_run, rerun)
+    checkpoints = rerun / "checkpoints"
+    returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--train-steps", "5", "--resume",
+                                "global_step4", "--set", "zero_optimization.stage=3")
+    assert returncode != 0 and "zero_optimization.stage=3" in output
+    (checkpoints / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--train-steps", "5", "--resume",
+                                "global_step4")
+    assert returncode != 0
+    assert complete_tags(rerun) == ["global_step4", "global_step6"] and not (checkpoints / "superseded").exists()
+    assert (checkpoints / "latest").read_text() == "global_step6"
+
+
 def test_resuming_with_other_rotations_is_a_one_line_error(reference_run, corpus, tmp_path):
     rerun = tmp_path / reference_run.name
     shutil.copytree(reference_run, rerun)
