@@ -135,7 +135,7 @@ class CheckpointManager:
         every rank; only rank 0 writes.
         """
         run_file = self.output_dir / RUN_FILE
-        recorded = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+        recorded = self._recorded_identity(run_file) if run_file.is_file() else None
         if self.holds_checkpoints() and recorded is None:
             raise CheckpointError(f"{self.output_dir} holds checkpoints but no {RUN_FILE}: they belong to another "
                                   "program or run; choose a new --output-dir")
@@ -162,6 +162,18 @@ class CheckpointManager:
             self._remove_incomplete()
         _barrier()
         return tag
+
+    @staticmethod
+    def _recorded_identity(run_file: Path) -> dict:
+        try:
+            recorded = json.loads(run_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{run_file} is not valid JSON ({summary(error)}): restore it from a copy (it records "
+                                  "the run's settings, checked on resume) or choose a new --output-dir") from error
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{run_file} does not hold a JSON object: restore it from a copy or choose a new "
+                                  "--output-dir")
+        return recorded
 
     def resumed_from(self, tag: str) -> None:
         """Make ``tag`` this run's current checkpoint once every rank has resumed from it; collective.

@@ -156,6 +156,18 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
         manager.claim(identity, "auto")
 
 
+@pytest.mark.parametrize("content, message", [('{"model_args": ', "is not valid JSON"),
+                                              (b"\xff\xfe{}", "is not valid JSON"),
+                                              ("[1]", "does not hold a JSON object")])
+def test_a_corrupt_run_file_is_one_clear_error(tmp_path, content, message):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    _fake_checkpoint(manager, 2, complete=True)
+    run_file = tmp_path / "run.json"
+    run_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=f"run.json {message}.*restore it from a copy"):
+        manager.claim({"model_args": {"name": "llama-tiny"}}, "auto")
+
+
 def test_resume_auto_takes_the_newest_complete_checkpoint_and_drops_incomplete_ones(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     identity = {"model_args": {"name": "llama-tiny"}}
@@ -196,6 +208,8 @@ def test_resuming_an_older_tag_moves_the_newer_ones_aside_and_prunes_only_this_r
     earlier = manager.checkpoint_dir / "superseded" / "global_step6"  # set aside by an earlier mistaken resume
     earlier.mkdir(parents=True)
     assert manager.claim(identity, "global_step4") == "global_step4"
+    assert manager.complete_tags() == ["global_step2", "global_step4", "global_step6"]  # until the resume succeeds
+    manager.resumed_from("global_step4")
     moved = manager.checkpoint_dir / "superseded" / "global_step6.1"
     assert (moved / COMPLETE_MARKER).is_file() and earlier.is_dir()
     assert f"moved the newer checkpoint global_step6 to {moved}" in capsys.readouterr().out
