@@ -11,3 +11,7 @@ class DataSourceError(DataError):
 
 class TokenizerError(DataError):
     """A tokenizer that cannot be trained, loaded or used with this model."""
+
+
+class OutputPathError(DataError):
+    """An output directory that cannot be created or written: an existing file, or a read-only place."""
