@@ -187,3 +187,30 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "ds_orthoadam.analysis", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "ds-orthoadam-analyze" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("model, layers_key", [("gpt2", "n_layer"), ("llama", "num_hidden_layers")])
+def test_config_with_more_layers_than_the_weights_is_refused(workspace, capsys, model, layers_key):
+    """A config.json edited to 4 more layers would otherwise be analysed with random layers, exit 0."""
+    edited = _copy_with_config(workspace, model, f"{model}-more-layers", lambda c: c | {layers_key: c[layers_key] + 4})
+    assert _run(workspace, models=(edited,), out=f"{model}-more-layers-out") == 2
+    message = _error(capsys)
+    assert edited in message and "missing tensors: " in message and "randomly initialised" in message
+
+
+def test_weights_of_another_size_are_refused_in_one_line(workspace, capsys):
+    edited = _copy_with_config(workspace, "llama", "llama-narrow", lambda c: c | {"hidden_size": 64})
+    assert _run(workspace, models=(edited,), out="narrow-out") == 2
+    message = _error(capsys)
+    assert "tensors of another shape: " in message and "(96, 128) vs (96, 64)" in message
+
+
+def _copy_with_config(workspace, model: str, name: str, edit) -> str:
+    """A copy of a saved model directory whose config.json is changed by ``edit`` (the weights stay as saved)."""
+    import shutil
+
+    target = workspace["root"] / name
+    shutil.copytree(workspace[model], target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(edit(config)))
+    return str(target)

@@ -34,15 +34,43 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto") -> PreTr
     except (OSError, ValueError) as error:
         raise AnalysisInputError(f"{path}/config.json is not a readable transformers config: {error}") from error
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=DTYPES[dtype])
+        # Mismatched sizes are loaded (re-initialised) and refused below, with the names, rather than raised as a
+        # RuntimeError whose message only points to a log table.
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                           dtype=DTYPES[dtype], output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
     except ValueError as error:
         raise AnalysisInputError(
             f"{path} holds a {config.model_type!r} model, which is not a causal language model "
             f"(AutoModelForCausalLM cannot load it: {str(error).splitlines()[0]}); pass a causal LM directory"
         ) from error
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         raise AnalysisInputError(f"cannot load model weights from {path}: {error}") from error
+    check_weights_match(path, info)
     return model.to(device).eval()
+
+
+def check_weights_match(path: str, info: dict) -> None:
+    """Refuse a model whose weights do not fill it exactly: transformers would initialise the rest at random and
+    the analysis would measure noise (tied weights, such as an LM head shared with the embedding, are not listed)."""
+    kinds = (("missing tensors", info.get("missing_keys")), ("unexpected tensors", info.get("unexpected_keys")),
+             ("tensors of another shape", info.get("mismatched_keys")))
+    problems = [f"{kind}: {len(keys)} (e.g. {_describe(keys)})" for kind, keys in kinds if keys]
+    if problems:
+        raise AnalysisInputError(
+            f"the weights in {path} do not match its config.json: {'; '.join(problems)}; the model would "
+            "be analysed with randomly initialised weights. Pass an unmodified directory written by save_pretrained "
+            "or by our exporter (or restore its config.json)"
+        )
+
+
+def _describe(keys) -> str:
+    """The first key in sorted order (with its two shapes for a mismatch), to name in a one-line message."""
+    first = sorted(keys, key=str)[0]
+    if isinstance(first, tuple):
+        name, *shapes = first
+        return f"{name}: {' vs '.join(str(tuple(shape)) for shape in shapes)}"
+    return str(first)
 
 
 def load_matching_tokenizer(model: PreTrainedModel, path: str) -> PreTrainedTokenizerBase:
