@@ -214,3 +214,9 @@ def _copy_with_config(workspace, model: str, name: str, edit) -> str:
     config = json.loads((target / "config.json").read_text())
     (target / "config.json").write_text(json.dumps(edit(config)))
     return str(target)
+
+
+def test_out_that_is_a_file_is_one_error_line(workspace, capsys):
+    (workspace["root"] / "out-file").write_text("x")
+    assert _run(workspace, models=("gpt2",), out="out-file") == 2
+    assert "error: --out" in _error(capsys) and (workspace["root"] / "out-file").read_text() == "x"

@@ -64,3 +64,12 @@ def test_missing_member_is_reported(fixture_archives):
     broken = PYPI_TEXTS[:1] + (type(PYPI_TEXTS[0])("brotli", "1.2.1", "tests/testdata/nothere.txt"),)
     with pytest.raises(DataSourceError, match="nothere.txt is missing"):
         extract_sdist_texts(broken, fixture_archives)
+
+
+def test_cli_refuses_a_file_as_out_before_any_download(tmp_path, capsys):
+    from ds_orthoadam.data.demo_corpus import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "is an existing file" in err[0]

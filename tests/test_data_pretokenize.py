@@ -1,11 +1,12 @@
 """Pre-tokenised shards: same documents as tokenising on the fly, same stream, dtype limits."""
 import itertools
+import json
 
 import pytest
 import torch
 
 from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
-from ds_orthoadam.data.errors import TokenizerError
+from ds_orthoadam.data.errors import DataSourceError, TokenizerError
 from ds_orthoadam.data.pretokenize import choose_dtype, main, read_index
 from ds_orthoadam.data.sources import resolve_source
 from ds_orthoadam.data.stream import TrainStream
@@ -73,3 +74,68 @@ def test_stream_refuses_shards_of_another_tokenizer(pretokenized, corpus, tmp_pa
     other = train_tokenizer(corpus["validation"] * 3, str(tmp_path / "other"), vocab_size=350)
     with pytest.raises(TokenizerError, match="pre-tokenised with another tokenizer"):
         TrainStream(pretokenized, other, 32, 4)
+
+
+# ------------------------------------------------------------------------------------------------- damaged output
+
+@pytest.fixture
+def copy_of(pretokenized, tmp_path):
+    """A private copy of the pre-tokenised directory, to damage."""
+    import shutil
+
+    shutil.copytree(pretokenized, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_truncated_shard_is_refused_with_the_file_and_the_fix(copy_of):
+    shard = copy_of / "train" / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    source = resolve_source(str(copy_of))
+    with pytest.raises(DataSourceError, match=r"shard-00000\.bin holds 500 tokens.*re-run .*pretokenize"):
+        list(source.open_shard(0))
+
+
+def test_shard_whose_index_count_disagrees_is_refused(copy_of):
+    index = json.loads((copy_of / "train" / "index.json").read_text())
+    index["shards"][1]["num_tokens"] += 1
+    (copy_of / "train" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataSourceError, match="shard-00001.bin holds"):
+        list(resolve_source(str(copy_of)).open_shard(1))
+
+
+@pytest.mark.parametrize("damage, problem", [(lambda index: index | {"shards": []}, "lists no shards"),
+                                             (lambda index: [index], "not a pre-tokenised index"),
+                                             (lambda index: index | {"shards": [1]}, "not objects")])
+def test_unusable_index_is_refused(copy_of, damage, problem):
+    path = copy_of / "train" / "index.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    with pytest.raises(DataSourceError, match=problem):
+        resolve_source(str(copy_of))
+
+
+def test_missing_shard_file_is_refused_when_the_source_is_resolved(copy_of):
+    (copy_of / "train" / "shard-00002.bin").unlink()
+    with pytest.raises(DataSourceError, match="shard-00002.bin"):
+        resolve_source(str(copy_of))
+
+
+@pytest.mark.parametrize("option, value", [("--max-shards", "-1"), ("--max-shards", "0"), ("--workers", "-3"),
+                                           ("--workers", "0")])
+def test_cli_refuses_counts_below_one(corpus, tokenizer_dir, tmp_path, capsys, option, value):
+    assert main(["--data", corpus["dir"], "--tokenizer", tokenizer_dir, "--out", str(tmp_path / "o"),
+                 option, value]) == 2
+    assert f"{option} must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_shards_limits_the_shards(corpus, tokenizer_dir, tmp_path):
+    assert main(["--data", corpus["dir"], "--tokenizer", tokenizer_dir, "--out", str(tmp_path), "--max-shards", "1",
+                 "--splits", "train"]) == 0
+    assert len(read_index(f"{tmp_path}/train")["shards"]) == 1
+
+
+def test_cli_refuses_a_file_as_out(corpus, tokenizer_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["--data", corpus["dir"], "--tokenizer", tokenizer_dir, "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "is an existing file" in err[0]

@@ -69,3 +69,10 @@ def test_make_tokenizer_runs_online_only_for_the_hub(data, offline, builds_demo_
     command = next(line for line in dry_run.splitlines() if "ds_orthoadam.data.tokenizer" in line)
     assert ("HF_HUB_OFFLINE=1" in command) == offline
     assert ("ds_orthoadam.data.demo_corpus" in dry_run) == builds_demo_corpus
+
+
+def test_cli_refuses_a_file_as_out(corpus, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["--data", corpus["dir"], "--out", str(tmp_path / "afile"), "--vocab-size", "400"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "is an existing file" in err[0]

@@ -20,7 +20,7 @@ from ds_orthoadam.analysis.quantize import DEFAULT_GROUP_SIZE, default_schemes, 
 from ds_orthoadam.analysis.report import report_settings, write_report
 from ds_orthoadam.analysis.runner import analyze_model
 from ds_orthoadam.cli_errors import report_error
-from ds_orthoadam.data import DataError, resolve_source, validation_batches
+from ds_orthoadam.data import DataError, ensure_output_dir, resolve_source, validation_batches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> str:
     source = resolve_source(args.data, "validation")
     for path in args.model:
         check_model_directory(path)
-    os.makedirs(args.out, exist_ok=True)
+    ensure_output_dir(args.out)
     entries, maps = [], []
     report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, args.mode,
                                            schemes),

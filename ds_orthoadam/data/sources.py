@@ -165,7 +165,11 @@ def _resolve_directory(directory: str, split: Split, strict: bool) -> DataSource
         from .pretokenize import read_index
 
         meta = read_index(os.path.dirname(index))
-        shards = tuple(os.path.join(directory, split, shard["tokens"]) for shard in meta["shards"])
+        shards = tuple(os.path.join(directory, split, shard.get("tokens", "")) for shard in meta["shards"])
+        missing = [path for path in shards if not os.path.isfile(path)]
+        if missing:
+            raise DataSourceError(f"{index} lists {len(missing)} shard file(s) that do not exist (first: "
+                                  f"{missing[0]}); copy the whole directory, or pre-tokenise again")
         return DataSource(f"{directory} ({split}, pre-tokenised)", "tokens", shards, strict)
     candidates = sorted(glob.glob(os.path.join(directory, f"c4-{split}.*")))
     shards = [path for path in candidates if path.endswith(JSON_SUFFIXES)]

@@ -21,6 +21,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ds_orthoadam.cli_errors import report_error
+from .outputs import ensure_output_dir
 from .errors import DataError, TokenizerError
 
 SPM_OPTIONS = dict(
@@ -109,6 +110,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 32000)
     ``out_dir`` gets tokenizer.model (for sentencepiece users), tokenizer.json + tokenizer_config.json (for
     transformers) and sentencepiece_options.json (how it was trained).
     """
+    ensure_output_dir(out_dir)  # before training, not after
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     if not lines:
         raise TokenizerError("no text to train the tokenizer on: the training sample is empty")
@@ -125,7 +127,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 32000)
                 f"Adjust --vocab-size as that says, or train on more text (--sample-docs)"
             ) from error
         tokenizer = load_tokenizer(staging)
-        os.makedirs(out_dir, exist_ok=True)
         tokenizer.save_pretrained(out_dir)
         shutil.copy(os.path.join(staging, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
     with open(os.path.join(out_dir, "sentencepiece_options.json"), "w") as handle:
