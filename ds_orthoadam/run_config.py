@@ -13,8 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+from ds_orthoadam.cli_errors import summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -144,26 +147,95 @@ def optimizer_type(config: dict) -> str:
     return optimizer["type"]
 
 
-def section(config: dict, name: str) -> dict:
-    """The config's ``name`` section ({} when absent), which must be a JSON object (``--set fp16=true`` is not)."""
+def section(config: dict, name: str, example: str = "enabled=true") -> dict:
+    """The config's ``name`` section ({} when absent), which must be a JSON object (``--set fp16=true`` is not);
+    ``example`` is a ``key=value`` inside it for the message."""
     value = config.get(name, {})
     if not isinstance(value, dict):
-        raise RunConfigError(f"{name} must be a JSON object in the DeepSpeed config, e.g. --set {name}.enabled=true, "
+        raise RunConfigError(f"{name} must be a JSON object in the DeepSpeed config, e.g. --set {name}.{example}, "
                              f"got {value!r}")
     return value
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number (bool is an int in Python, but ``true`` is not a number in a config)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_zero_stage(config: dict) -> None:
+    """zero_optimization must be an object whose stage (default 0) is 0..3: DeepSpeed fails on anything else with a
+    pydantic dump or a TypeError deep inside initialize."""
+    stage = section(config, "zero_optimization", example="stage=1").get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in range(4):
+        raise RunConfigError(f"zero_optimization.stage must be an integer 0, 1, 2 or 3, got {stage!r} "
+                             "(e.g. --set zero_optimization.stage=1)")
+
+
+def check_gradient_clipping(config: dict) -> None:
+    """gradient_clipping must be present (DeepSpeed 0.19 silently defaults it to 1.0) and a number >= 0 (0: off)."""
+    if "gradient_clipping" not in config:
+        raise RunConfigError("gradient_clipping must be set explicitly (DeepSpeed 0.19 silently defaults it to 1.0)")
+    value = config["gradient_clipping"]
+    if not _is_number(value) or not value >= 0:
+        raise RunConfigError(f"gradient_clipping must be a number >= 0 (0 turns clipping off), got {value!r} "
+                             "(e.g. --set gradient_clipping=1.0)")
+
+
+def check_learning_rate(config: dict) -> None:
+    """optimizer.params, where given, must be an object and its lr a number: DeepSpeed's optimisers fail on a
+    string with a TypeError at the first step, not at start-up."""
+    params = config["optimizer"].get("params", {})
+    if not isinstance(params, dict):
+        raise RunConfigError(f"optimizer.params must be a JSON object, e.g. --set optimizer.params.lr=0.001, "
+                             f"got {params!r}")
+    if "lr" in params and not _is_number(params["lr"]):
+        raise RunConfigError(f"optimizer.params.lr must be a number, got {params['lr']!r} "
+                             "(e.g. --set optimizer.params.lr=0.001)")
+
+
 def validate(config: dict, world_size: int) -> None:
-    """Every check the trainer relies on: batch arithmetic, scheduler, optimiser, explicit clipping and fp16 scale."""
+    """Every check the trainer relies on: batch arithmetic, scheduler, optimiser and its lr, ZeRO stage, explicit
+    clipping and fp16 scale (the values DeepSpeed would otherwise reject with a traceback on every rank)."""
     gradient_accumulation_steps(config, world_size)
     scheduler_steps(config)
     optimizer_type(config)
-    if "gradient_clipping" not in config:
-        raise RunConfigError("gradient_clipping must be set explicitly (DeepSpeed 0.19 silently defaults it to 1.0)")
+    check_learning_rate(config)
+    check_zero_stage(config)
+    check_gradient_clipping(config)
     fp16 = section(config, "fp16")
     if fp16.get("enabled") and "initial_scale_power" not in fp16:
         raise RunConfigError("fp16.initial_scale_power must be set explicitly (DeepSpeed otherwise starts the "
                              "dynamic loss scale at 2^32 instead of the documented 2^16)")
+
+
+def _dotted_keys(config: dict, prefix: str = "") -> list[str]:
+    """Every key of ``config`` as a dotted path (``zero_optimization.stage``), parents before children."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def likely_field(message: str, config: dict) -> str | None:
+    """The config field a DeepSpeed error message is most likely about: the deepest dotted key whose last part the
+    message names as a word (DeepSpeed's messages name fields but not their sections)."""
+    named = [key for key in _dotted_keys(config)
+             if re.search(rf"(?<![\w.]){re.escape(key.rsplit('.', 1)[-1])}(?!\w)", message)]
+    return max(named, key=lambda key: key.count("."), default=None)
+
+
+def deepspeed_error_message(error: BaseException, config: dict) -> str:
+    """One line for an error DeepSpeed raised while building the engine from ``config`` (values that pass
+    :func:`validate` but that DeepSpeed or the device refuse), naming the likely field and the fix."""
+    for precision in ("fp16", "bf16"):
+        if f"{precision} is not supported on your device" in str(error):
+            return (f"DeepSpeed cannot train in {precision} on this device ({summary(error)}); on a CPU pass "
+                    f"--ds-config ds_configs/cpu.json or --set {precision}.enabled=false")
+    field = likely_field(str(error), config)
+    where = f"check {field}" if field else "check the values set by --ds-config, --ds-override and --set"
+    return f"DeepSpeed rejected the config ({summary(error)}); {where} in the DeepSpeed config"
 
 
 def with_run_monitors(config: dict, run_dir: str | os.PathLike) -> dict:

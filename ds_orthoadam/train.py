@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -30,8 +31,8 @@ import transformers
 
 import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
 from ds_orthoadam import run_config
-from ds_orthoadam.checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from ds_orthoadam.cli_errors import EXIT_BAD_INPUT, report_error
+from ds_orthoadam.checkpointing import TAG_PATTERN, CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ds_orthoadam.cli_errors import EXIT_BAD_INPUT, report_error, summary
 from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import ExportError, export_checkpoint
@@ -41,6 +42,12 @@ from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError, RotationMismatchEr
 
 EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130
+EXIT_PEER_FAILED = 1
+
+
+class ArgumentConflict(ValueError):
+    """Command-line arguments that cannot work with the output directory or its checkpoint (the same on every rank);
+    the message names the problem and the fix."""
 
 
 class TrainingStopped(Exception):
@@ -83,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention normalisation: softmax (baseline) or softmax1 (softmax-1)")
     model.add_argument("--norm", default="default", choices=NORM_CHOICES,
                        help="normalisation layers: the family's default or RMSNorm with a single scalar gain")
-    model.add_argument("--seq-len", type=_count(1), default=256, help="training sequence length in tokens")
+    model.add_argument("--seq-len", type=_count(2), default=256,
+                       help="training sequence length in tokens (at least 2: one input and one target)")
     config = parser.add_argument_group("DeepSpeed config")
     config.add_argument("--ds-config", default=None,
                         help="DeepSpeed JSON (default: ds_configs/<model>.json; ds_configs/cpu.json for *-tiny)")
@@ -148,8 +156,17 @@ def compose_config(args: argparse.Namespace, world_size: int) -> dict:
 
 def initialize_engine(model: torch.nn.Module, ds_config: dict):
     """The DeepSpeed engine for ``model``: ``ds_orthoadam.initialize`` resolves ``"type": "OrthoAdam"`` and passes
-    every other optimiser name through to ``deepspeed.initialize``."""
-    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    every other optimiser name through to ``deepspeed.initialize``.
+
+    Config values :func:`run_config.validate` cannot judge (what the device supports, DeepSpeed's own value checks)
+    fail inside DeepSpeed as ValueError/TypeError/AssertionError (pydantic's ValidationError is a ValueError); they
+    become a DeepSpeedConfigError naming the likely field instead of a traceback on every rank."""
+    try:
+        engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    except DeepSpeedConfigError:
+        raise
+    except (ValueError, TypeError, AssertionError) as error:
+        raise DeepSpeedConfigError(run_config.deepspeed_error_message(error, ds_config)) from error
     return engine
 
 
@@ -158,10 +175,58 @@ def make_train_stream(args: argparse.Namespace, tokenizer, micro_batch: int, ran
                        num_workers=args.data_workers)
 
 
+def resolve_validation_source(args: argparse.Namespace):
+    """The validation DataSource; errors about an explicit ``--val-data`` name that option (the data package words
+    every source error as ``--data``, which would send the user to fix the wrong argument)."""
+    try:
+        return validation_source(args.data, args.val_data)
+    except DataError as error:
+        if args.val_data is None:
+            raise
+        raise type(error)(re.sub(r"--data\b", "--val-data", str(error))) from error
+
+
 def make_validation_batches(args: argparse.Namespace, tokenizer, micro_batch: int, rank: int, world_size: int):
     """This rank's share of the validation set (the same documents every time; built once, re-iterable)."""
-    return validation_batches(validation_source(args.data, args.val_data), tokenizer, args.seq_len, micro_batch,
+    return validation_batches(resolve_validation_source(args), tokenizer, args.seq_len, micro_batch,
                               num_docs=args.val_samples, rank=rank, world_size=world_size)
+
+
+def output_dir_message(output_dir: str | os.PathLike, error: OSError) -> str:
+    """One line for a run directory that cannot be created or written (a file, below a file, read-only, ...)."""
+    return (f"--output-dir {output_dir} cannot be used as the run directory ({summary(error)}); pass a directory "
+            "that you can write to, or a new path below one")
+
+
+def prepare_output_dir(output_dir: str | os.PathLike) -> None:
+    """Create the run directory up front (every rank, before any process group), so that an unusable path is one
+    error line instead of an OSError traceback on the rank that first writes into it."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ArgumentConflict(output_dir_message(output_dir, error)) from error
+
+
+def claim_output_dir(checkpoints: CheckpointManager, identity: dict, resume: str) -> str | None:
+    """``checkpoints.claim``: the tag to resume from. Its refusals (another run's directory, a wrong --resume) come
+    from files every rank reads alike, so they are reported once; a file-system failure happens where rank 0 writes
+    (a read-only run directory, a full disk), so rank 0 reports it."""
+    try:
+        return checkpoints.claim(identity, resume)
+    except CheckpointError as error:
+        raise ArgumentConflict(str(error)) from error
+    except OSError as error:
+        raise CheckpointError(output_dir_message(checkpoints.output_dir, error)) from error
+
+
+def check_resume_reaches(tag: str | None, total_steps: int) -> None:
+    """Refuse to resume a checkpoint that is already past the last step: training would do nothing and exit 0.
+    A checkpoint exactly at the last step is a finished run, which re-running only exports again."""
+    step = int(TAG_PATTERN.match(tag).group(1)) if tag is not None else 0
+    if step > total_steps:
+        raise ArgumentConflict(f"the checkpoint to resume ({tag}) is at step {step}, past the last step {total_steps} "
+                               f"of this run; pass --train-steps {step} (or more) to continue it, or a new "
+                               "--output-dir for a shorter run")
 
 
 def run_identity(args: argparse.Namespace, model_args: dict, ds_config: dict, data_policy: dict) -> dict:
@@ -218,7 +283,8 @@ class Trainer:
         self.stream = make_train_stream(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
         self.identity = run_identity(args, self.model_args, ds_config, self.stream.policy)
         self.checkpoints = CheckpointManager(self.output_dir, args.keep_checkpoints)
-        resume_tag = self.checkpoints.claim(self.identity, args.resume)
+        resume_tag = claim_output_dir(self.checkpoints, self.identity, args.resume)
+        check_resume_reaches(resume_tag, self.total_steps)
 
         torch.manual_seed(args.seed)
         model = build_model(**self.model_args)
@@ -365,9 +431,31 @@ def single_process_defaults() -> None:
             os.environ.setdefault(name, value)
 
 
-def _fail(message: str, exit_code: int) -> int:
-    """Report on rank 0 only (every rank fails alike)."""
-    return report_error(message, exit_code) if int(os.environ.get("RANK", "0")) == 0 else exit_code
+SHARED_ERRORS = (run_config.RunConfigError, ArgumentConflict, ModelConfigError, DeepSpeedConfigError,
+                 RotationMismatchError)
+"""Errors that follow from the arguments and config alone: every rank raises the same one, so rank 0 reports it."""
+RANK_ERRORS = (CheckpointError, DataError, ExportError)
+"""Errors a rank may hit alone (its share of the data, its checkpoint files): that rank must report it."""
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fail_everywhere(message: str, exit_code: int) -> int:
+    """Report an error every rank hits alike once, on rank 0."""
+    return report_error(message, exit_code) if _rank() == 0 else exit_code
+
+
+def _fail_here(message: str, exit_code: int) -> int:
+    """Report an error of this rank, on this rank: the others only see a closed connection when it exits, so it
+    alone can name the cause. Ranks other than 0 say who they are."""
+    return report_error(message if _rank() == 0 else f"rank {_rank()}: {message}", exit_code)
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """Whether a collective failed because another rank exited (gloo/NCCL words it as a closed or reset peer)."""
+    return re.search(r"Connection (closed|reset) by peer", str(error)) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ["WORLD_SIZE"])
     try:
         ds_config = compose_config(args, world_size)
-    except run_config.RunConfigError as error:
-        return _fail(str(error), EXIT_BAD_INPUT)
+        prepare_output_dir(args.output_dir)
+    except SHARED_ERRORS as error:
+        return _fail_everywhere(str(error), EXIT_BAD_INPUT)
     quiet_other_ranks(int(os.environ.get("RANK", "0")))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; its JIT build costs ~40 s
     deepspeed.init_distributed()
@@ -386,11 +475,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(args, ds_config)
         trainer.run()
         trainer.finish()
-    except (CheckpointError, DataError, ModelConfigError, ExportError, DeepSpeedConfigError,
-            RotationMismatchError) as error:
-        exit_code = _fail(str(error), EXIT_BAD_INPUT)
-    except TrainingStopped as stopped:
-        exit_code = _fail(str(stopped), stopped.exit_code)
+    except SHARED_ERRORS as error:
+        exit_code = _fail_everywhere(str(error), EXIT_BAD_INPUT)
+    except RANK_ERRORS as error:
+        exit_code = _fail_here(str(error), EXIT_BAD_INPUT)
+    except TrainingStopped as stopped:  # the ranks agreed on it (all-reduce), so all stop alike
+        exit_code = _fail_everywhere(str(stopped), stopped.exit_code)
+    except RuntimeError as error:
+        if not _lost_peer(error):
+            raise
+        exit_code = _fail_here("lost the connection to another rank, which stopped first: its error is printed "
+                               "above", EXIT_PEER_FAILED)
     if exit_code == 0:
         dist.barrier()
     dist.destroy_process_group()

@@ -122,6 +122,62 @@ def test_cli_rejects_bad_input_before_starting_anything(capsys, monkeypatch):
     assert status == 2 and "inconsistent batch arithmetic" in err
 
 
+@pytest.mark.parametrize("assignment, message", [
+    ("zero_optimization.stage=7", "zero_optimization.stage must be an integer 0, 1, 2 or 3, got 7"),
+    ("zero_optimization.stage=true", "zero_optimization.stage must be an integer 0, 1, 2 or 3, got True"),
+    ("zero_optimization=3", "zero_optimization must be a JSON object in the DeepSpeed config, e.g. --set "
+                            "zero_optimization.stage=1"),
+    ("optimizer.params.lr=abc", "optimizer.params.lr must be a number, got 'abc'"),
+    ("optimizer.params=1", "optimizer.params must be a JSON object"),
+    ("gradient_clipping=null", "gradient_clipping must be a number >= 0 (0 turns clipping off), got None"),
+    ("gradient_clipping=-1", "gradient_clipping must be a number >= 0"),
+    ("gradient_clipping=\"1.0\"", "gradient_clipping must be a number >= 0"),
+])
+def test_config_values_deepspeed_would_crash_on_are_one_line_errors(assignment, message, capsys, monkeypatch):
+    """Values DeepSpeed only rejects deep inside initialize (pydantic dump, TypeError at the first step) are refused
+    before any process group exists, on the AdamW path as on OrthoAdam's."""
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--optimizer", "adamw", "--set", assignment,
+                              world_size="8")
+    assert status == 2 and err.startswith("error: ") and message in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_deepspeed_errors_name_the_likely_field():
+    config = run_config.read_json(REPO / "ds_configs" / "llama-60m.json")
+    on_cpu = run_config.deepspeed_error_message(ValueError("Type fp16 is not supported on your device."), config)
+    assert "--ds-config ds_configs/cpu.json" in on_cpu and "--set fp16.enabled=false" in on_cpu
+    pydantic_like = ValueError("1 validation error for DeepSpeedZeroConfig\nstage\n  Input should be 0, 1, 2 or 3")
+    message = run_config.deepspeed_error_message(pydantic_like, config)
+    assert "check zero_optimization.stage" in message and "\n" not in message
+    unknown = run_config.deepspeed_error_message(TypeError("unsupported operand"), config)
+    assert "TypeError: unsupported operand" in unknown and "--ds-config, --ds-override and --set" in unknown
+
+
+def test_seq_len_below_two_is_refused_by_argparse(capsys, monkeypatch):
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--seq-len", "1", world_size="8")
+    assert status == 2 and "--seq-len: must be an integer >= 2, got 1" in err
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file", "unwritable"])
+def test_an_unusable_output_dir_is_a_one_line_error(where, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    output_dir = {"a file": tmp_path / "file", "below a file": tmp_path / "file" / "run", "unwritable": "/proc/run"}
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--output-dir", str(output_dir[where]),
+                              world_size="8")
+    assert status == 2, err
+    assert err.startswith(f"error: --output-dir {output_dir[where]} cannot be used as the run directory (") and \
+        "pass a directory that you can write to" in err and len(err.splitlines()) == 1, err
+
+
+def test_resuming_past_the_last_step_is_refused():
+    from ds_orthoadam.train import ArgumentConflict, check_resume_reaches
+
+    check_resume_reaches(None, 2)
+    check_resume_reaches("global_step4", 4)  # a finished run: re-running it only exports again
+    with pytest.raises(ArgumentConflict, match="global_step4.* at step 4, past the last step 2 .*--train-steps 4"):
+        check_resume_reaches("global_step4", 2)
+
+
 def test_help_documents_every_option():
     from ds_orthoadam.train import build_parser
 

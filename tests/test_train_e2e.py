@@ -230,6 +230,54 @@ def test_an_unknown_optimizer_type_is_a_one_line_error(corpus, tmp_path):
     assert "Traceback" not in output
 
 
+def test_an_error_on_rank_1_alone_is_reported_by_rank_1(corpus, tmp_path):
+    """One training document: rank 1's share of it is empty. Rank 0 only sees rank 1's connection close; the cause
+    must still be in the output, once, from the rank that hit it."""
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({"text": _markov_text(0, 400)}) + "\n")
+    returncode, output = launch(corpus, tmp_path / "run", "--data", str(single), "--train-steps", "2", "--no-export",
+                                "--outlier-every", "0")
+    assert returncode != 0, output
+    reported = [line for line in output.splitlines() if line.startswith("error: rank 1: ")]
+    assert len(reported) == 1 and f"gets no document of {single}" in reported[0], output[-4000:]
+    assert "Traceback" not in output  # rank 0's lost connection is one line too
+
+
+def test_fp16_on_a_cpu_is_a_one_line_error_naming_the_cpu_config(corpus, tmp_path):
+    returncode, output = launch(corpus, tmp_path / "fp16", "--ds-config", str(REPO / "ds_configs" / "llama-60m.json"),
+                                "--optimizer", "adamw", "--no-export")
+    assert returncode == 2, output[-4000:]
+    assert "error: DeepSpeed cannot train in fp16 on this device" in output
+    assert "--ds-config ds_configs/cpu.json or --set fp16.enabled=false" in output
+    assert "Traceback" not in output
+
+
+def test_a_missing_val_data_is_named_as_val_data(corpus, tmp_path):
+    returncode, output = launch(corpus, tmp_path / "run", "--val-data", str(tmp_path / "nope"), "--no-export")
+    assert returncode == 2, output[-4000:]
+    assert f"error: --val-data {tmp_path / 'nope'}: no such file or directory" in output, output[-4000:]
+    assert "Traceback" not in output
+
+
+def test_resuming_past_the_requested_last_step_is_refused(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ("--no-export", "--outlier-every", "0", "--eval-every", "0")
+    returncode, output = launch(corpus, run_dir, "--train-steps", "2", *common)
+    assert returncode == 0, output[-4000:]
+    returncode, output = launch(corpus, run_dir, "--train-steps", "1", "--resume", "auto", *common)
+    assert returncode == 2, output[-4000:]
+    assert "the checkpoint to resume (global_step2) is at step 2, past the last step 1" in output
+    assert "pass --train-steps 2 (or more)" in output and "Traceback" not in output
+    assert complete_tags(run_dir) == ["global_step2"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step2"
+    # A refusal every rank reaches alike (the directory already holds checkpoints) is printed once, by rank 0.
+    returncode, output = launch(corpus, run_dir, "--train-steps", "2", *common)
+    assert returncode == 2, output[-4000:]
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        f"error: {run_dir} already holds checkpoints (global_step2 is the newest complete one); pass --resume auto to "
+        "continue it or choose a new --output-dir"]
+
+
 def test_tensorboard_event_files_hold_the_listed_tags(reference_run):
     events = tensorboard_scalars(reference_run)
     tags = set(events.Tags()["scalars"])
