@@ -254,7 +254,8 @@ class CheckpointManager:
         """Load checkpoint ``tag`` into ``engine``: (shared state, this rank's state)."""
         try:
             load_path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
-        except (OSError, RuntimeError, KeyError) as error:
+        except (OSError, RuntimeError, KeyError, AttributeError, TypeError, ValueError) as error:
+            # AttributeError & co.: DeepSpeed reading a checkpoint of another layout (e.g. another ZeRO stage)
             others = [other for other in self.complete_tags() if other != tag]
             raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded ({summary(error)}); "
                                   f"resume from another complete checkpoint (--resume TAG: "
