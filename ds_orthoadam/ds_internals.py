@@ -43,6 +43,7 @@ from typing import Callable
 
 import deepspeed
 import torch
+from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -154,11 +155,17 @@ def checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict:
 
 
 def weights_only_in_model_states(checkpoint_dir: str, tag: str | None, saved: dict) -> bool:
-    """Whether ``zero_to_fp32`` has nothing to read in a checkpoint (``saved``: its model-states dict): ZeRO stage 0,
-    whose optimizer state is in the model-states file (``saved["optimizer"]``, None under ZeRO 1/2), without
-    ``*_optim_states.pt`` files (fp32, fp16 and bf16 alike). A ZeRO 1/2 checkpoint that lost them is not."""
-    partitions = Path(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)).glob("*_optim_states.pt")
-    return saved.get("optimizer") is not None and not any(partitions)
+    """Whether ``zero_to_fp32`` cannot read a checkpoint's fp32 weights, so that only the module weights in its
+    model-states file (``saved``) are left: ZeRO stage 0, whose optimizer state is in the model-states file
+    (``saved["optimizer"]``, None under ZeRO 1/2), without ``*_optim_states.pt`` files (fp32, fp16 and bf16 alike);
+    or DeepSpeed's ``BF16_Optimizer`` (bf16 with fp32 gradient accumulation), whose partition files (named
+    ``bf16_zero_pp_rank_*`` like a bf16 ZeRO-1 optimizer's) record no ZeRO stage, which ``zero_to_fp32`` requires
+    ("is not a zero checkpoint" in 0.19.8). A ZeRO 1/2 checkpoint that lost its partition files is neither."""
+    partitions = sorted(Path(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)).glob("*_optim_states.pt"))
+    if partitions:
+        state = torch.load(partitions[0], map_location="cpu", weights_only=False)
+        return ZERO_STAGE not in state.get(OPTIMIZER_STATE_DICT, {})
+    return saved.get("optimizer") is not None
 
 
 def skip_shm_comm_build() -> None:

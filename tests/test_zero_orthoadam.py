@@ -227,13 +227,19 @@ def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(sta
     assert max_abs_diff(engine.module.state_dict(), reference.state_dict()) < 1e-5
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_stage0_export_gives_the_engines_real_weights(tmp_path, precision):
-    """ZeRO stage 0 writes no optimizer partition files (zero_to_fp32 fails on it): the export takes the module."""
-    engine = _one_rank_engine(ds_config(stage=0, precision=precision))
+@pytest.mark.parametrize("stage,precision,partitions", [(0, "fp32", []), (0, "bf16", []),
+                                                        (1, "bf16-fp32-accumulation", ["bf16_zero_pp_rank_0"])])
+def test_export_of_a_checkpoint_zero_to_fp32_cannot_read_gives_the_engines_real_weights(tmp_path, stage, precision,
+                                                                                         partitions):
+    """ZeRO stage 0 writes no optimizer partition files, DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient
+    accumulation) writes bf16_zero_* ones; zero_to_fp32 reads neither: the export takes the module."""
+    config = ds_config(stage=stage, precision=precision.split("-")[0])
+    if precision.endswith("fp32-accumulation"):
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    engine = _one_rank_engine(config)
     _train(engine, range(1, 3))
     engine.save_checkpoint(str(tmp_path), tag="s0")
-    assert not list((tmp_path / "s0").glob("*optim_states.pt"))
+    assert sorted(p.name.split("_mp_rank")[0] for p in (tmp_path / "s0").glob("*optim_states.pt")) == partitions
     theta = {name: tensor.detach().float() for name, tensor in engine.module.state_dict().items()}
     exported = export_fp32_state_dict(str(tmp_path), tag="s0")
     assert all(tensor.dtype == torch.float32 for tensor in exported.values())
