@@ -168,8 +168,9 @@ class CheckpointManager:
         try:
             recorded = json.loads(run_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{run_file} is not valid JSON ({summary(error)}): restore it from a copy (it records "
-                                  "the run's settings, checked on resume) or choose a new --output-dir") from error
+            raise CheckpointError(f"{run_file} is not valid JSON ({summary(error)}): restore it from a copy (it "
+                                  "records the run's settings, checked on resume) or choose a new --output-dir"
+                                  ) from error
         if not isinstance(recorded, dict):
             raise CheckpointError(f"{run_file} does not hold a JSON object: restore it from a copy or choose a new "
                                   "--output-dir")

@@ -47,7 +47,7 @@ def read_json(path: str | os.PathLike) -> dict:
                              f"(per-size configs are in {DS_CONFIG_DIR})")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunConfigError(f"config file {path} is not valid JSON: {error}") from error
     if not isinstance(value, dict):
         raise RunConfigError(f"config file {path} must hold a JSON object, not {type(value).__name__}")

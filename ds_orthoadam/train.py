@@ -32,7 +32,7 @@ import transformers
 import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
 from ds_orthoadam import run_config
 from ds_orthoadam.checkpointing import TAG_PATTERN, CheckpointError, CheckpointManager, rng_state, set_rng_state
-from ds_orthoadam.cli_errors import EXIT_BAD_INPUT, report_error, summary
+from ds_orthoadam.cli_errors import EXIT_BAD_INPUT, integer_at_least, report_error, summary
 from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import ExportError, export_checkpoint
@@ -58,16 +58,6 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
-def _count(minimum: int):
-    """argparse type: an integer of at least ``minimum`` (0 means "off" where an option allows it)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
 def _positive(text: str) -> float:
     """argparse type: a number > 0."""
     value = float(text)
@@ -90,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention normalisation: softmax (baseline) or softmax1 (softmax-1)")
     model.add_argument("--norm", default="default", choices=NORM_CHOICES,
                        help="normalisation layers: the family's default or RMSNorm with a single scalar gain")
-    model.add_argument("--seq-len", type=_count(2), default=256,
+    model.add_argument("--seq-len", type=integer_at_least(2), default=256,
                        help="training sequence length in tokens (at least 2: one input and one target)")
     config = parser.add_argument_group("DeepSpeed config")
     config.add_argument("--ds-config", default=None,
@@ -107,21 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-data", default=None,
                       help="validation source (default: derived from --data: C4's validation split / shards)")
     data.add_argument("--tokenizer", required=True, help="tokenizer.model or Hugging Face tokenizer directory")
-    data.add_argument("--val-samples", type=_count(1), default=1000,
+    data.add_argument("--val-samples", type=integer_at_least(1), default=1000,
                       help="validation documents evaluated at every --eval-every and at the end (the paper's final "
                            "evaluation uses 100000: ds-orthoadam-analyze on the export)")
-    data.add_argument("--data-workers", type=_count(0), default=0,
+    data.add_argument("--data-workers", type=integer_at_least(0), default=0,
                       help="background processes that read and tokenise training data (0: in the training process)")
-    data.add_argument("--seed", type=_count(0), default=0, help="seed for model init and data shuffling")
+    data.add_argument("--seed", type=integer_at_least(0), default=0, help="seed for model init and data shuffling")
     schedule = parser.add_argument_group("schedule")
-    schedule.add_argument("--train-steps", type=_count(1), default=None,
+    schedule.add_argument("--train-steps", type=integer_at_least(1), default=None,
                           help="optimiser steps to train to (default: the scheduler's total_num_steps)")
-    schedule.add_argument("--log-every", type=_count(1), default=10, help="steps between progress lines / TensorBoard")
-    schedule.add_argument("--eval-every", type=_count(0), default=1000,
+    schedule.add_argument("--log-every", type=integer_at_least(1), default=10,
+                          help="steps between progress lines / TensorBoard")
+    schedule.add_argument("--eval-every", type=integer_at_least(0), default=1000,
                           help="steps between validations (0: only at the end)")
-    schedule.add_argument("--outlier-every", type=_count(0), default=500,
+    schedule.add_argument("--outlier-every", type=integer_at_least(0), default=500,
                           help="steps between outlier telemetry on the probe batch (0: off)")
-    schedule.add_argument("--probe-samples", type=_count(1), default=4,
+    schedule.add_argument("--probe-samples", type=integer_at_least(1), default=4,
                           help="sequences in the fixed outlier probe batch")
     schedule.add_argument("--peak-tflops", type=_positive, default=None,
                           help="peak TFLOP/s per device for the MFU estimate (default: the detected GPU's dense "
@@ -131,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--output-dir", required=True,
                         help="run directory: run.json, checkpoints/, tensorboard/, metrics.jsonl, hf/ "
                              "(must be on a filesystem shared by all nodes)")
-    output.add_argument("--checkpoint-every", type=_count(1), default=1000, help="steps between checkpoints")
-    output.add_argument("--keep-checkpoints", type=_count(1), default=3, help="complete checkpoints kept (newest)")
+    output.add_argument("--checkpoint-every", type=integer_at_least(1), default=1000, help="steps between checkpoints")
+    output.add_argument("--keep-checkpoints", type=integer_at_least(1), default=3,
+                        help="complete checkpoints kept (newest)")
     output.add_argument("--resume", default="none",
                         help="'none' (fresh run), 'auto' (newest complete checkpoint, if any) or a tag")
     output.add_argument("--export-dir", default=None, help="Hugging Face export directory (default: OUTPUT/hf)")

@@ -140,6 +140,14 @@ def test_zero_samples(workspace, capsys):
     assert "--samples must be at least 1" in _error(capsys)
 
 
+@pytest.mark.parametrize("device", ["bogus", "cuda:9"])
+def test_an_unusable_device_is_one_error(workspace, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 9:
+        pytest.skip("this machine has a tenth GPU")
+    assert _run(workspace, "--device", device) == 2
+    assert f"--device {device!r} is not usable here" in _error(capsys)
+
+
 def test_tokenizer_model_vocabulary_mismatch(workspace, capsys):
     mismatched = save_tiny_model(str(workspace["root"] / "mismatch"), "llama-tiny", "softmax", tokenizer_words=200)
     assert _run(workspace, models=(mismatched,)) == 2

@@ -48,6 +48,9 @@ def test_cli_trains_and_reports_bad_sizes(corpus, tmp_path, capsys):
     assert len(load_tokenizer(str(out))) == 400
     assert main(["--data", corpus["dir"], "--out", str(tmp_path / "big"), "--vocab-size", "100000"]) == 2
     assert "Vocabulary size too high" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--data", corpus["dir"], "--out", str(tmp_path / "none"), "--sample-docs", "-1"])
+    assert refused.value.code == 2 and "--sample-docs: must be an integer >= 1, got -1" in capsys.readouterr().err
 
 
 def test_directory_without_tokenizer_files_is_refused(tmp_path):

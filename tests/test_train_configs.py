@@ -59,6 +59,13 @@ def test_orthoadam_variant_changes_only_the_optimizer_type():
     assert adamw == plain
 
 
+def test_a_config_file_that_is_not_utf8_is_a_run_config_error(tmp_path):
+    path = tmp_path / "binary.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(run_config.RunConfigError, match="binary.json is not valid JSON"):
+        run_config.read_json(path)
+
+
 def test_set_assignments_parse_json_values_and_nest():
     config = run_config.compose_ds_config(REPO / "ds_configs" / "cpu.json", [],
                                           ["scheduler.params.total_num_steps=100", "optimizer.params.betas=[0.9,0.95]"])

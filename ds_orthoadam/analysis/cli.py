@@ -71,6 +71,17 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AnalysisInputError(f"--samples must be at least 1, got {args.samples}")
     if args.seq_len < 2 or args.batch_size < 1:
         raise AnalysisInputError("--seq-len must be at least 2 and --batch-size at least 1")
+    _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    """A device torch can place tensors on here (an unknown name or a CUDA device on a CPU build would otherwise be
+    a traceback once the first model is loaded)."""
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as error:
+        raise AnalysisInputError(f"--device {name!r} is not usable here ({str(error).splitlines()[0]}); use "
+                                 f"--device cpu{' or cuda' if torch.cuda.is_available() else ''}") from error
 
 
 def _check_positions(model, seq_len: int, path: str) -> None:

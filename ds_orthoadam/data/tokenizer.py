@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ds_orthoadam.cli_errors import report_error
+from ds_orthoadam.cli_errors import integer_at_least, report_error
 from .outputs import ensure_output_dir
 from .errors import DataError, TokenizerError
 
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="training source (c4, a directory, files or globs)")
     parser.add_argument("--out", required=True, help="output directory (HF tokenizer directory)")
     parser.add_argument("--vocab-size", type=int, default=32000, help="default 32000 (the paper's); 8192 for the demo")
-    parser.add_argument("--sample-docs", type=int, default=200_000, help="documents read from the source")
+    parser.add_argument("--sample-docs", type=integer_at_least(1), default=200_000,
+                        help="documents read from the source")
     args = parser.parse_args(argv)
     from .sources import resolve_source
 
