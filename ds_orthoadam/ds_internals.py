@@ -163,7 +163,9 @@ def weights_only_in_model_states(checkpoint_dir: str, tag: str | None, saved: di
     ("is not a zero checkpoint" in 0.19.8). A ZeRO 1/2 checkpoint that lost its partition files is neither."""
     partitions = sorted(Path(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)).glob("*_optim_states.pt"))
     if partitions:
-        state = torch.load(partitions[0], map_location="cpu", weights_only=False)
+        # Memory-mapped: only the record's structure is read here, not the partition's tensors (zero_to_fp32 or the
+        # module-weights export reads what it needs afterwards).
+        state = torch.load(partitions[0], map_location="cpu", weights_only=False, mmap=True)
         return ZERO_STAGE not in state.get(OPTIMIZER_STATE_DICT, {})
     return saved.get("optimizer") is not None
 
