@@ -8,9 +8,9 @@ PY           := $(VENV)/bin/python
 TORCH_SPEC   ?= torch==2.13.0
 OFFLINE_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test analyze
+.PHONY: setup test analyze help
 
-## setup: create .venv with torch ($(TORCH_SPEC)) and this package in editable mode (idempotent)
+## setup: create .venv with torch (TORCH_SPEC) and this package in editable mode (idempotent)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
@@ -38,7 +38,7 @@ tokenizer: $(if $(filter data/demo,$(TOKENIZER_DATA)),demo-data,setup)
 	$(if $(filter $(HUB_DATA),$(TOKENIZER_DATA)),,$(OFFLINE_ENV)) $(PY) -m ds_orthoadam.data.tokenizer \
 		--data $(TOKENIZER_DATA) --out $(TOKENIZER_OUT) --vocab-size $(TOKENIZER_VOCAB)
 
-# ---------------------------------------------------------------------------------------------- training (issue 6)
+# ------------------------------------------------------------------------------------------------------- training
 # make train-<model> [ATTN=softmax|softmax1] [OPT=adamw|orthoadam] [NUM_GPUS=8] [HOSTFILE=launch/hostfile
 #   MASTER_ADDR=node1] [TRAIN_DATA=c4] [TRAIN_TOKENIZER=...] [RUN_DIR=...] [TRAIN_ARGS="--resume auto ..."]
 # The paper's four variants: ATTN=softmax OPT=adamw (baseline), ATTN=softmax1 OPT=adamw, ATTN=softmax
@@ -77,3 +77,8 @@ analyze: setup
 	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo '$(ANALYZE_USAGE)'; exit 2; }
 	$(OFFLINE_ENV) $(VENV)/bin/ds-orthoadam-analyze $(foreach m,$(MODEL),--model $(m)) --data $(DATA) \
 		--samples $(or $(SAMPLES),1000) --out $(or $(OUT),analysis) $(ANALYZE_ARGS)
+
+## help: list the targets with their descriptions (the `## target:` comments in this Makefile)
+help:
+	@awk '/^## [^ :]+:/ { sub(/^## /, ""); i = index($$0, ":"); printf "  %-20s%s\n", substr($$0, 1, i - 1), substr($$0, i + 1); next } \
+	     /^## / { sub(/^## /, ""); printf "  %-20s %s\n", "", $$0 }' $(firstword $(MAKEFILE_LIST))

@@ -1,6 +1,6 @@
 """ds_orthoadam: DeepSpeed pre-training of GPT2/Llama models with softmax-1 attention and the OrthoAdam optimiser.
 
-Runtime dependencies are pinned to versions known to work together (see README, "Install").
+Runtime dependencies are pinned to versions known to work together (see README.md, "Install").
 torch is required as ``torch>=2.13`` on purpose: GPU users install their CUDA build first, and this
 requirement is then already satisfied; the Makefile installs the CPU build for CI and demos.
 """

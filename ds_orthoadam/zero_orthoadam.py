@@ -33,11 +33,9 @@ Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It
 *micro-batch* (theta = Q^T phi in forward, Q g in backward, plus again under activation checkpointing), materialises
 an extra copy of the weights during forward/backward, renames every weight in the state dict and breaks tied
 embeddings. The rotated frame costs one gradient rotation (per optimiser step at ZeRO 0/1, per micro-batch at
-ZeRO-2) plus one parameter rotation per optimiser step, and keeps the module untouched. Measured
-by ``bench/zero.py`` (llama-60m, one CPU thread, dense, 16384 tokens per rank per step, k micro-batches): +4.7%
-per step at ZeRO 0/1 for every k; at ZeRO-2 +4.7%, +11.8%, +40.4% for k = 1, 4, 16; the
-re-parametrisation +4.7%, +18.8%, +75.2% (README, "OrthoAdam with DeepSpeed"). At ZeRO 0/1 that is the two rotations
-per step single-process OrthoAdam does anyway, whatever k.
+ZeRO-2) plus one parameter rotation per optimiser step, and keeps the module untouched: at ZeRO 0/1 that is the two
+rotations per step single-process OrthoAdam does anyway, whatever the gradient accumulation. ``bench/zero.py``
+measures both routes; the figures are in docs/deepspeed.md ("Why this route, measured").
 
 Everything that relies on DeepSpeed behaviour beyond its public API is in :mod:`ds_orthoadam.ds_internals`.
 """
@@ -371,8 +369,7 @@ class OrthoAdamEngineHooks:
                 warnings.warn(
                     f"OrthoAdam rotates each of the {accumulation} micro-batches' gradients per optimiser step: this "
                     "DeepSpeed config (ZeRO-2, or fp32 gradient accumulation under bf16) takes every micro-batch's "
-                    "gradient during its backward. ZeRO-1 rotates once per step (README, 'OrthoAdam with "
-                    "DeepSpeed').", UserWarning, stacklevel=3)
+                    "gradient during its backward. ZeRO-1 rotates once per step (docs/deepspeed.md).", UserWarning, stacklevel=3)
         self._set_master_from_module()
         self._wrap("step", self.step)
         self._wrap("save_checkpoint", self.save_checkpoint)

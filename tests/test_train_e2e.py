@@ -154,7 +154,7 @@ def test_resume_continues_with_identical_losses_logged_once(reference_run, corpu
     assert [e.step for e in events.Scalars("Train/lr")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("Outliers/first_token_share")] == [3]
     # One purge step for all tags: DeepSpeed's sample-keyed points (8 samples per step) from sample 5 on are hidden
-    # too, so only the resumed run's steps 5 and 6 remain (the README says so).
+    # too, so only the resumed run's steps 5 and 6 remain (docs/training.md says so).
     assert [e.step for e in events.Scalars("Train/Samples/lr")] == [40, 48]
     # DeepSpeed's csv monitor (in RUN_DIR/csv): one header, every step once, the resumed run's rows for 5 and 6.
     assert loss_csv.read_text().splitlines() == (reference_run / "csv" / reference_run.name /

@@ -1,6 +1,6 @@
 """Turn one ``--data`` string into a list of document shards, and open a shard at any document.
 
-Accepted strings (see README, "Data"):
+Accepted strings (see docs/data.md):
 
 * ``c4`` (or ``allenai/c4``): the C4 ``en`` config streamed from the Hugging Face hub (1024 train / 8 validation
   json.gz shards, read through HF datasets' json loader with ``hf://`` paths).
