@@ -54,19 +54,37 @@ def corpus(tmp_path_factory) -> dict[str, str]:
     return {"train": str(root / "train.txt"), "val": str(root / "val.txt"), "tokenizer": str(root / "tokenizer")}
 
 
-def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True, fp16_on_cpu: bool = False):
+def cpu_fp16_env(supported: bool | None, python_path: list[str]) -> dict[str, str]:
+    """PYTHONPATH (``python_path``) and what else makes launched processes see DeepSpeed's CPU accelerator answer
+    ``supported`` about fp16 (tests/fp16_on_cpu/sitecustomize.py, which changes nothing where that is the machine's
+    own answer: on a CPU with native fp16 the fp16 runs are real and the refusal is the simulated case)."""
+    if supported is None:
+        return {"PYTHONPATH": os.pathsep.join(python_path)}
+    return {"PYTHONPATH": os.pathsep.join([*python_path, str(REPO / "tests" / "fp16_on_cpu")]),
+            "DS_ORTHOADAM_CPU_FP16": str(int(supported))}
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_launched_processes_see_the_cpu_fp16_answer_asked_for(supported):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **cpu_fp16_env(supported, [str(REPO)])}
+    probe = "from deepspeed.accelerator import get_accelerator; print(bool(get_accelerator().is_fp16_supported()))"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == [str(supported)], result.stderr[-2000:]
+
+
+def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True, cpu_fp16: bool | None = None):
     """Run ds_orthoadam.train on 2 CPU ranks with the deepspeed launcher (in its own session, like a terminal).
 
-    ``fp16_on_cpu``: let DeepSpeed take fp16 configs on the CPU (tests/fp16_on_cpu/sitecustomize.py)."""
+    ``cpu_fp16``: what DeepSpeed's CPU accelerator answers about fp16 (:func:`cpu_fp16_env`; None: this machine's
+    answer)."""
     command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                "ds_orthoadam.train", "--model", "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"],
                "--tokenizer", corpus["tokenizer"], "--seq-len", str(SEQ_LEN), "--val-samples", "8",
                "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4",
                "--set", "scheduler.params.warmup_num_steps=2", "--set", f"scheduler.params.total_num_steps={STEPS}",
                "--set", "optimizer.params.lr=0.003", "--output-dir", str(output_dir), *extra]
-    python_path = [str(REPO)] + ([str(REPO / "tests" / "fp16_on_cpu")] if fp16_on_cpu else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **cpu_fp16_env(cpu_fp16, [str(REPO)])}
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     if not wait:
@@ -244,8 +262,9 @@ def test_an_error_on_rank_1_alone_is_reported_by_rank_1(corpus, tmp_path):
 
 
 def test_fp16_on_a_cpu_is_a_one_line_error_naming_the_cpu_config(corpus, tmp_path):
+    """On a CPU without native fp16 (simulated on one with it: the fp16 runs below are real there)."""
     returncode, output = launch(corpus, tmp_path / "fp16", "--ds-config", str(REPO / "ds_configs" / "llama-60m.json"),
-                                "--optimizer", "adamw", "--no-export")
+                                "--optimizer", "adamw", "--no-export", cpu_fp16=False)
     assert returncode == 2, output[-4000:]
     assert "error: DeepSpeed cannot train in fp16 on this device" in output
     assert "--ds-config ds_configs/cpu.json or --set fp16.enabled=false" in output
@@ -409,8 +428,9 @@ def fp16_run(corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fp16") / "fp16"
     returncode, output = launch(corpus, run_dir, "--ds-config", str(REPO / "ds_configs" / "llama-60m.json"),
                                 "--set", f"fp16.initial_scale_power={FP16_SCALE_POWER}", "--optimizer", "orthoadam",
-                                "--train-steps", str(STEPS), "--checkpoint-every", "2", "--log-every", "1",
-                                "--eval-every", "3", "--outlier-every", "0", fp16_on_cpu=True)
+                                "--train-steps", str(STEPS), "--checkpoint-every", "1",
+                                "--keep-checkpoints", str(STEPS), "--log-every", "1", "--eval-every", "3",
+                                "--outlier-every", "0", cpu_fp16=True)
     assert returncode == 0, output
     (run_dir.parent / "fp16.log").write_text(output)
     return run_dir
@@ -429,6 +449,48 @@ def test_fp16_overflow_steps_are_skipped_reported_and_training_goes_on(fp16_run)
     assert {"Train/loss_scale", "Train/skipped_steps"} <= set(tensorboard_scalars(fp16_run).Tags()["scalars"])
 
 
+def fp16_optimizer_partition(run_dir: Path, step: int, rank: int) -> dict:
+    """DeepSpeed's ZeRO-1 optimizer record of ``rank`` in checkpoint ``global_step<step>``."""
+    path = run_dir / "checkpoints" / f"global_step{step}" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+
+
+def test_fp16_skipped_steps_change_no_weight_moment_or_step_count(fp16_run):
+    """Steps 1 and 2 overflow and are skipped: after them the module still holds the initial weights (rebuilt here
+    from the recorded model arguments and seed), the fp32 master partitions (rotated frame) are the same after both
+    and un-rotate to those weights, and the inner optimiser has no moments and no step count. Step 3 is its first
+    step; the loss-scale history in TensorBoard is the one the trainer logged. (These skips fall in the warm-up's
+    learning rate 0, so the moments and step count are what they would have changed; a skip at a learning rate that
+    moves weights is tests/test_zero_orthoadam.py's ``overflow7`` case.)"""
+    from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
+
+    run = json.loads((fp16_run / "run.json").read_text())
+    torch.manual_seed(0)  # the trainer's --seed
+    initial = build_model(**run["model_args"]).half().state_dict()
+    for step in (1, 2):
+        module = torch.load(fp16_run / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)["module"]
+        assert module.keys() == initial.keys() and all(torch.equal(module[k], initial[k]) for k in initial), step
+    master = export_fp32_state_dict(str(fp16_run / "checkpoints"), "global_step1")
+    for name, weight in master.items():
+        assert (weight - initial[name].float()).abs().max().item() <= 2 * 2.0**-10 * weight.abs().max().item(), name
+    for rank in (0, 1):
+        first, second, third, fourth, fifth, last = (fp16_optimizer_partition(fp16_run, step, rank)
+                                                     for step in (1, 2, 3, 4, 5, STEPS))
+        assert first["base_optimizer_state"]["state"] == {} and second["base_optimizer_state"]["state"] == {}
+        assert all(torch.equal(a, b) for a, b in zip(first["single_partition_of_fp32_groups"],
+                                                     second["single_partition_of_fp32_groups"], strict=True))
+        # Step 3 is the first applied one: it makes moments. Steps 3 and 4 run at the warm-up's learning rate 0
+        # (DeepSpeed's scheduler only advances on applied steps), so the master first moves at step 5.
+        (moments,) = third["base_optimizer_state"]["state"].values()
+        assert float(moments["step"]) == 1.0 and moments["exp_avg"].abs().max() > 0
+        assert not torch.equal(fifth["single_partition_of_fp32_groups"][0],
+                               fourth["single_partition_of_fp32_groups"][0])
+        assert [float(state["step"]) for state in last["base_optimizer_state"]["state"].values()] == [STEPS - 2.0]
+    events = tensorboard_scalars(fp16_run)
+    assert [(e.step, e.value) for e in events.Scalars("Train/loss_scale")] == metric_rows(fp16_run, "Train/loss_scale")
+
+
 def test_fp16_resume_restores_the_loss_scaler_and_continues_identically(fp16_run, corpus, tmp_path):
     resumed = tmp_path / fp16_run.name
     (resumed / "checkpoints").mkdir(parents=True)
@@ -437,7 +499,7 @@ def test_fp16_resume_restores_the_loss_scaler_and_continues_identically(fp16_run
     returncode, output = launch(corpus, resumed, "--ds-config", str(REPO / "ds_configs" / "llama-60m.json"),
                                 "--set", f"fp16.initial_scale_power={FP16_SCALE_POWER}", "--optimizer", "orthoadam",
                                 "--train-steps", str(STEPS), "--resume", "auto", "--no-export", "--log-every", "1",
-                                "--outlier-every", "0", fp16_on_cpu=True)
+                                "--outlier-every", "0", cpu_fp16=True)
     assert returncode == 0, output
     for tag in ("Train/loss", "Train/loss_scale", "Train/skipped_steps"):
         assert metric_rows(resumed, tag) == metric_rows(fp16_run, tag)[4:], tag
@@ -469,8 +531,8 @@ def test_make_train_target_trains_a_size_with_its_gpu_config(corpus, tmp_path):
     command = ["make", "--no-print-directory", "-o", f"{venv}/.installed", "train-llama-60m", "NUM_GPUS=2",
                f"VENV={venv}", f"TRAIN_DATA={corpus['train']}", f"TRAIN_TOKENIZER={corpus['tokenizer']}",
                f"RUN_DIR={run_dir}", f"TRAIN_ARGS={train_args}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu"), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "MASTER_PORT": str(free_port()), **cpu_fp16_env(True, [])}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
