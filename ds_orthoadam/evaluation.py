@@ -55,4 +55,8 @@ def validation_loss(model: torch.nn.Module, batches: Iterable, device: torch.dev
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(loss)
+    """exp(loss): infinity where that overflows a float (a diverged model's loss above ~709), NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

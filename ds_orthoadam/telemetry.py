@@ -8,8 +8,9 @@ TensorBoard tags (all keyed by optimiser step; DeepSpeed itself adds ``Train/Sam
 * ``Perf/tokens_per_s``, ``Perf/tflops`` (achieved, all ranks together), ``Perf/mfu`` (only with a known peak)
 * ``Val/loss``, ``Val/ppl``
 * ``Outliers/<metric>``: ``ds_orthoadam.analysis.metrics.outlier_metrics`` on a fixed probe batch every K steps
-  (first-token attention share, hidden-state kurtosis first token / rest, max |activation| first token / rest, per
-  layer and averaged).
+  (first-token attention share and mass, sink rate (Gu et al.: share of heads whose mean first-token attention
+  exceeds 0.3), hidden-state kurtosis first token / rest, max |activation| first token / rest, per layer and
+  averaged). The headline ones (:data:`HEADLINE_OUTLIER_METRICS`) are printed too.
 
 FLOPs per trained token (PaLM, Chowdhery et al. 2022, appendix B): ``6 N + 12 L d T``, where N counts the weights of
 every matrix multiply (all parameters except the token and position embedding tables, plus the output projection,
@@ -38,13 +39,15 @@ from torch import nn
 
 from ds_orthoadam import ds_internals
 from ds_orthoadam.analysis.metrics import outlier_metrics
+from ds_orthoadam.evaluation import perplexity
 
 TRAIN_TAGS = ("Train/loss", "Train/lr", "Train/grad_norm", "Perf/tokens_per_s", "Perf/tflops")
 MFU_TAG = "Perf/mfu"  # only with a known peak (see peak_tflops_for_device)
 FP16_TAGS = ("Train/loss_scale", "Train/skipped_steps")
 VALIDATION_TAGS = ("Val/loss", "Val/ppl")
 OUTLIER_PREFIX = "Outliers/"
-HEADLINE_OUTLIER_METRICS = ("first_token_share", "kurtosis_first", "kurtosis_rest", "max_abs_first", "max_abs_rest")
+HEADLINE_OUTLIER_METRICS = ("first_token_share", "first_token_attention_mass", "sink_rate", "kurtosis_first",
+                            "kurtosis_rest", "max_abs_first", "max_abs_rest")
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -262,7 +265,7 @@ class Telemetry:
         self._window_start += seconds
 
     def validation(self, step: int, loss: float) -> dict[str, float]:
-        scalars = {"Val/loss": loss, "Val/ppl": math.exp(min(loss, 50.0))}
+        scalars = {"Val/loss": loss, "Val/ppl": perplexity(loss)}
         self._write(step, scalars)
         self.print(f"step {step:>6}/{self.total_steps} | validation loss {loss:.4f} | "
                    f"perplexity {scalars['Val/ppl']:.2f}")

@@ -228,3 +228,15 @@ def test_out_that_is_a_file_is_one_error_line(workspace, capsys):
     (workspace["root"] / "out-file").write_text("x")
     assert _run(workspace, models=("gpt2",), out="out-file") == 2
     assert "error: --out" in _error(capsys) and (workspace["root"] / "out-file").read_text() == "x"
+
+
+def test_sink_epsilon_is_applied_and_recorded(workspace, capsys):
+    """Epsilon 0: every head puts some weight on the first token, so every (sequence, head) is a sink."""
+    assert _run(workspace, "--quant", "none", "--sink-epsilon", "0", models=("llama",), out="epsilon") == 0
+    report = json.loads((workspace["root"] / "epsilon" / "analysis.json").read_text())
+    assert report["settings"]["sink_epsilon"] == 0.0 and "epsilon = 0)" in report["settings"]["definitions"]
+    [entry] = report["models"]
+    assert entry["metrics"]["sink_rate"] == 1.0 and entry["per_layer"]["sink_rate"] == [1.0] * entry["model"]["layers"]
+    for epsilon in ("1", "-0.1"):
+        assert _run(workspace, "--sink-epsilon", epsilon, out="bad-epsilon") == 2
+        assert f"--sink-epsilon must be in [0, 1) (a share of a row's attention), got {float(epsilon)}" in _error(capsys)

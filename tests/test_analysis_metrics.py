@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import gc
+import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from ds_orthoadam.analysis import AnalysisInputError, OutlierStatistics, outlier_metrics
 from ds_orthoadam.analysis.hooks import eager_attention, evaluation_mode, stream_layer_outputs
-from ds_orthoadam.analysis.metrics import valid_token_mask
+from ds_orthoadam.analysis.metrics import argmax_share_chance, valid_token_mask
 from ds_orthoadam.analysis.runner import metric_pass
 from ds_orthoadam.models import build_model, set_attention
 from tests.analysis_fixtures import SEQ_LEN, expected_first_mass, pattern_model
@@ -181,3 +184,105 @@ def test_metric_pass_memory_does_not_grow_with_the_number_of_batches():
         kept[count] = (_live_tensor_bytes() - baseline, kept[count])
     assert kept[8][0] == kept[1][0]
     assert kept[8][0] < 64 * 1024  # per-layer sums and one sample's maps, nothing per batch
+
+
+@pytest.mark.parametrize("attention", ["softmax", "softmax1"])
+def test_sink_rate_on_constructed_attention_counts_sequences_whose_head_mean_exceeds_epsilon(attention):
+    """Every head of the constructed model attends alike, so per sequence all heads are sinks or none: the rate is
+    the share of sequences whose mean first-token weight (hand formula per length) exceeds epsilon."""
+    logit = 0.5  # weak preference: short sequences' head means lie above 0.3, long ones' below
+    model = pattern_model("sink", attention, logit)
+    lengths = [SEQ_LEN, 5, SEQ_LEN, 4, 1]  # the 1-token sequence has no query and is not counted
+    input_ids = torch.randint(0, 64, (len(lengths), SEQ_LEN))
+    mask = torch.tensor([[1] * length + [0] * (SEQ_LEN - length) for length in lengths])
+    head_means = [expected_first_mass("sink", attention, logit, [length]) for length in lengths if length > 1]
+    for epsilon in (0.3, 0.2, 0.0):
+        expected = sum(mean > epsilon for mean in head_means) / len(head_means)
+        metrics = outlier_metrics(model, input_ids, mask, sink_epsilon=epsilon)
+        assert metrics["sink_rate"] == expected
+        for layer in range(model.config.n_layer):
+            assert metrics[f"layer_{layer}/sink_rate"] == expected
+        if epsilon == 0.3:
+            assert 0.0 < expected < 1.0  # the threshold separates these sequences: the check is informative
+    assert expected == 1.0  # epsilon 0: every head puts some weight on the first token
+
+
+def _random_causal_attention(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Softmax attention over random logits with a random per-(sequence, head) pull towards the first key."""
+    logits = torch.randn(batch, heads, seq_len, seq_len, generator=generator)
+    logits[..., 0] += 3.0 * torch.rand(batch, heads, 1, generator=generator)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return logits.masked_fill(~causal, -math.inf).softmax(dim=-1)
+
+
+def test_sink_rate_share_mass_and_chance_match_a_loop_reference_on_random_attention():
+    generator = torch.Generator().manual_seed(5)
+    batch, heads, seq_len, layers, epsilon = 6, 3, 9, 2, 0.3
+    lengths = [9, 9, 6, 2, 1, 4]
+    valid = torch.tensor([[True] * n + [False] * (seq_len - n) for n in lengths])
+    probs = [_random_causal_attention(batch, heads, seq_len, generator) for _ in range(layers)]
+    stats = OutlierStatistics(layers, sink_epsilon=epsilon)
+    stats.begin_batch(valid)
+    for layer, layer_probs in enumerate(probs):
+        stats.update_attention(layer, layer_probs)
+    per_layer = stats.per_layer()
+    rates = []
+    for layer, p in enumerate(probs):
+        sinks = samples = hits = pairs = 0
+        mass = 0.0
+        for b, n in enumerate(lengths):
+            for h in range(heads):
+                rows = [p[b, h, q, : q + 1].tolist() for q in range(1, n)]
+                hits += sum(row[0] > max(row[1:]) for row in rows)
+                pairs += len(rows)
+                mass += sum(row[0] for row in rows)
+                if rows:
+                    samples += 1
+                    sinks += sum(row[0] for row in rows) / len(rows) > epsilon
+        rates.append(sinks / samples)
+        assert per_layer["sink_rate"][layer] == rates[-1]
+        assert per_layer["first_token_share"][layer] == pytest.approx(hits / pairs)
+        assert per_layer["first_token_attention_mass"][layer] == pytest.approx(mass / pairs, rel=1e-6)
+    assert 0.0 < min(rates) and max(rates) < 1.0
+    summary = stats.summary()
+    assert summary["sink_rate"] == pytest.approx(np.mean(rates))
+    chance = [1.0 / (q + 1) for n in lengths for q in range(1, n)]
+    assert summary["first_token_share_chance"] == pytest.approx(np.mean(chance))
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 4, 5])
+def test_argmax_share_chance_equals_the_share_over_every_ordering_of_the_weights(seq_len):
+    """Brute force through the metric itself: one sequence per joint ordering of every query row's weights (distinct
+    weights, so no ties); the share over all of them is exactly the chance level (H_T - 1) / (T - 1)."""
+    rows_per_query = [list(itertools.permutations(range(1, q + 2))) for q in range(seq_len)]
+    sequences = list(itertools.product(*rows_per_query))
+    probs = torch.zeros(len(sequences), 1, seq_len, seq_len, dtype=torch.float64)
+    for index, sequence in enumerate(sequences):
+        for q, ranks in enumerate(sequence):
+            weights = torch.tensor(ranks, dtype=torch.float64)
+            probs[index, 0, q, : q + 1] = weights / weights.sum()
+    stats = OutlierStatistics(1)
+    stats.begin_batch(torch.ones(len(sequences), seq_len, dtype=torch.bool))
+    stats.update_attention(0, probs)
+    summary = stats.summary()
+    harmonic = sum(Fraction(1, k) for k in range(1, seq_len + 1))
+    exact = float((harmonic - 1) / (seq_len - 1))
+    assert summary["first_token_share"] == pytest.approx(exact, rel=1e-12)
+    assert argmax_share_chance(seq_len) == pytest.approx(exact, rel=1e-12)
+    assert summary["first_token_share_chance"] == pytest.approx(exact, rel=1e-12)
+
+
+def test_uniform_attention_has_share_zero_and_mass_at_the_chance_level():
+    """Ties are not a largest weight: exactly uniform rows score 0, while their first-token mass is the chance level."""
+    seq_len = 7
+    uniform = torch.ones(seq_len, seq_len).tril()
+    uniform = (uniform / uniform.sum(-1, keepdim=True)).expand(2, 3, seq_len, seq_len)
+    stats = OutlierStatistics(1)
+    stats.begin_batch(torch.ones(2, seq_len, dtype=torch.bool))
+    stats.update_attention(0, uniform)
+    summary = stats.summary()
+    assert summary["first_token_share"] == 0.0
+    assert summary["first_token_attention_mass"] == pytest.approx(argmax_share_chance(seq_len), rel=1e-6)
+    assert argmax_share_chance(128) == pytest.approx(0.0349, abs=5e-5)  # the "about 4%" of PAPER.md at T = 128
+    assert argmax_share_chance(256) == pytest.approx(0.0201, abs=5e-5)  # "about 2%" at T = 256
+    assert math.isnan(argmax_share_chance(1))

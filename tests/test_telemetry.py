@@ -1,13 +1,23 @@
-"""Telemetry: the per-device MFU peak, MFU on/off in a real engine's logged scalars, metrics.jsonl after a resume."""
+"""Telemetry: the per-device MFU peak, MFU on/off in a real engine's logged scalars, metrics.jsonl after a resume,
+outlier headline metrics in TensorBoard and the log, an overflow-safe validation perplexity."""
 from __future__ import annotations
 
 import json
+import math
 
 import deepspeed
 import pytest
 import torch
 
-from ds_orthoadam.telemetry import MFU_TAG, Telemetry, keep_metrics_through, peak_tflops_for_device
+from ds_orthoadam.analysis import outlier_metrics
+from ds_orthoadam.telemetry import (
+    HEADLINE_OUTLIER_METRICS,
+    MFU_TAG,
+    OUTLIER_PREFIX,
+    Telemetry,
+    keep_metrics_through,
+    peak_tflops_for_device,
+)
 from zero_harness import init_single_rank_process_group, loss_of, micro_batch, tiny_model
 
 
@@ -24,13 +34,19 @@ def test_peak_tflops_by_device_name(device_name, tflops):
     assert peak_tflops_for_device(device_name) == tflops
 
 
-def test_mfu_only_with_a_peak(tmp_path, capsys):
-    """No peak (the CPU default): no Perf/mfu scalar and no MFU in the progress line; a peak: MFU = TFLOP/s / peak."""
+def _adamw_engine(**config):
+    """A single-rank DeepSpeed engine (AdamW) of the tiny llama; ``config`` adds sections (e.g. ``tensorboard``)."""
     init_single_rank_process_group()
     model = tiny_model("llama")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
         "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-        "steps_per_print": 10**9})
+        "steps_per_print": 10**9, **config})
+    return engine
+
+
+def test_mfu_only_with_a_peak(tmp_path, capsys):
+    """No peak (the CPU default): no Perf/mfu scalar and no MFU in the progress line; a peak: MFU = TFLOP/s / peak."""
+    engine = _adamw_engine()
     for peak, metrics_file in ((None, tmp_path / "none.jsonl"), (2.5, tmp_path / "peak.jsonl")):
         telemetry = Telemetry(engine, tokens_per_step=64, flops_per_token=1e9, peak_tflops=peak, world_size=1,
                               total_steps=10, rank=0, metrics_file=metrics_file)
@@ -96,3 +112,41 @@ def test_keep_metrics_through_drops_later_steps_and_a_torn_last_line(tmp_path, c
     assert metrics_file.read_text() == ""
     keep_metrics_through(tmp_path / "absent.jsonl", 3)  # nothing logged yet: nothing to do
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def _tensorboard_scalars(directory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return events
+
+
+def test_outlier_telemetry_writes_sink_rate_and_mass_to_tensorboard_and_prints_the_headline(tmp_path, capsys):
+    engine = _adamw_engine(tensorboard={"enabled": True, "output_path": str(tmp_path / "tensorboard"),
+                                        "job_name": "run"})
+    telemetry = Telemetry(engine, tokens_per_step=64, flops_per_token=1e9, peak_tflops=None, world_size=1,
+                          total_steps=10, rank=0, metrics_file=tmp_path / "metrics.jsonl")
+    probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    capsys.readouterr()
+    telemetry.outliers(5, engine.module, probe)
+    line = capsys.readouterr().out
+    engine.monitor.tb_monitor.summary_writer.flush()
+    expected = outlier_metrics(engine.module, probe)  # the analyser on the same batch: a second call
+    assert {"sink_rate", "first_token_attention_mass"} <= set(HEADLINE_OUTLIER_METRICS)
+    for name in HEADLINE_OUTLIER_METRICS:
+        assert f"{name} {expected[name]:.3g}" in line
+    events = _tensorboard_scalars(tmp_path / "tensorboard" / "run")
+    for name in ("sink_rate", "first_token_attention_mass", "layer_1/sink_rate"):
+        [event] = events.Scalars(OUTLIER_PREFIX + name)
+        assert (event.step, event.value) == (5, pytest.approx(expected[name], rel=1e-6))
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert logged["Outliers/sink_rate"] == pytest.approx(expected["sink_rate"])
+
+
+@pytest.mark.parametrize("loss, ppl", [(2.0, math.exp(2.0)), (800.0, math.inf), (math.inf, math.inf)])
+def test_validation_perplexity_of_a_diverged_loss_is_infinite_not_an_overflow(tmp_path, loss, ppl):
+    telemetry = Telemetry(_adamw_engine(), tokens_per_step=64, flops_per_token=1e9, peak_tflops=None, world_size=1,
+                          total_steps=10, rank=0, metrics_file=tmp_path / "metrics.jsonl")
+    assert telemetry.validation(3, loss)["Val/ppl"] == pytest.approx(ppl)
+    assert math.isnan(telemetry.validation(4, math.nan)["Val/ppl"])

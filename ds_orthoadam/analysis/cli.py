@@ -15,6 +15,7 @@ import torch
 
 from ds_orthoadam.analysis.errors import AnalysisInputError
 from ds_orthoadam.analysis.loading import DTYPES, check_model_directory, load_causal_lm, load_matching_tokenizer
+from ds_orthoadam.analysis.metrics import DEFAULT_SINK_EPSILON
 from ds_orthoadam.analysis.plots import write_plots
 from ds_orthoadam.analysis.quantize import DEFAULT_GROUP_SIZE, default_schemes, scheme_by_name
 from ds_orthoadam.analysis.report import report_settings, write_report
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'all' (default), 'none', or comma-separated scheme names, "
                              "e.g. w4-sym-group128,w8a8-token")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of group-wise schemes")
+    parser.add_argument("--sink-epsilon", type=float, default=DEFAULT_SINK_EPSILON, metavar="EPS",
+                        help="sink rate threshold: a head is a sink when its mean attention on the first token "
+                             f"exceeds EPS (default: {DEFAULT_SINK_EPSILON}, Gu et al.)")
     parser.add_argument("--map-layer", type=int, help="layer of the attention/activation map plots (default: middle)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="weight dtype (default: as saved)")
@@ -71,6 +75,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AnalysisInputError(f"--samples must be at least 1, got {args.samples}")
     if args.seq_len < 2 or args.batch_size < 1:
         raise AnalysisInputError("--seq-len must be at least 2 and --batch-size at least 1")
+    if not 0.0 <= args.sink_epsilon < 1.0:
+        raise AnalysisInputError(f"--sink-epsilon must be in [0, 1) (a share of a row's attention), got "
+                                 f"{args.sink_epsilon}; Gu et al. use {DEFAULT_SINK_EPSILON}")
     _check_device(args.device)
 
 
@@ -101,21 +108,22 @@ def run(args: argparse.Namespace) -> str:
     ensure_output_dir(args.out)
     entries, maps = [], []
     report = {"settings": report_settings(args.data, args.samples, args.seq_len, args.batch_size, args.mode,
-                                           schemes),
+                                           schemes, args.sink_epsilon),
               "models": entries}
     for path, label in zip(args.model, _labels(args.model)):
         model = load_causal_lm(path, args.device, args.dtype)
         _check_positions(model, args.seq_len, path)
         tokenizer = load_matching_tokenizer(model, args.tokenizer or path)
         batches = validation_batches(source, tokenizer, args.seq_len, args.batch_size, args.samples, mode=args.mode)
-        analysis = analyze_model(model, batches, schemes, args.map_layer, label, tokenizer.bos_token_id)
+        analysis = analyze_model(model, batches, schemes, args.map_layer, label, tokenizer.bos_token_id,
+                                 args.sink_epsilon)
         analysis.record["data"]["documents"] = batches.documents_read  # fewer than --samples if the source ends
         entries.append({"label": label, "path": os.path.abspath(path)} | analysis.record)
         maps.append(analysis.maps)
         write_report(args.out, report, [])  # keep finished models' numbers if a later model fails
         del model
         gc.collect()
-    plots = write_plots(args.out, entries, maps)
+    plots = write_plots(args.out, entries, maps, args.seq_len, args.sink_epsilon)
     _, markdown = write_report(args.out, report, plots)
     return markdown
 

@@ -12,6 +12,20 @@ Definitions (Kaul et al., ICLR 2025; see README "Analysing a checkpoint"):
   on every other key (ties do not count, so uniform attention scores 0). The first query can only attend to itself,
   which would make it a sink by construction, so it is excluded. ``first_token_attention_mass`` is the mean weight on
   the first key over the same pairs (with softmax-1 a row may sum to less than 1, so this is an absolute mass).
+  softmax-1 is softmax scaled per row by sigmoid(L) (L: the row's log-sum-exp), so its argmax, and hence the share,
+  is the same as softmax's: the share cannot show a head that attends "nowhere"; the mass and the sink rate can.
+* Chance level of the share (``first_token_share_chance``): the expected share if every visible key were equally
+  likely to hold a row's largest weight (attention with no preference for any position, e.g. random logits, where
+  ties have probability 0): query i (0-based, seeing keys 0..i) scores 1/(i+1), averaged over the measured queries.
+  For full rows of length T that is ``(H_T - 1) / (T - 1)`` (:func:`argmax_share_chance`, H_T the harmonic number):
+  3.49% at T = 128, 2.01% at T = 256. It is also the first-token mass of exactly uniform attention; exactly uniform
+  attention itself scores a share of 0, because a tie is not a largest weight.
+* Sink rate (Gu et al., ICLR 2025, "When Attention Sink Emerges in Language Models"): per sequence and (layer, head),
+  the mean attention weight on the first key over the sequence's real queries 1..len-1; a head is a sink when that
+  mean exceeds ``sink_epsilon`` (default 0.3, Gu et al.'s). ``sink_rate`` is the share of (sequence, head) pairs
+  that are sinks, per layer, averaged over layers (= the share of (sequence, layer, head) triples, as Gu et al.
+  average over samples). Gu et al. include the first query; it is excluded here as in the share and mass. A
+  sequence with a single real token has no such query and is not counted.
 
 All accumulators are per-layer sums of fixed size, so memory does not grow with the number of samples. Batches must be
 right-padded (or unpadded): position 0 is the first token of every row.
@@ -30,6 +44,8 @@ _SUM_FIELDS = (
     "sink_hits",
     "query_pairs",
     "first_mass",
+    "sink_heads",
+    "head_samples",
     "kurtosis_first",
     "kurtosis_first_count",
     "kurtosis_rest",
@@ -43,6 +59,7 @@ _PEAK_FIELDS = ("peak_abs_first", "peak_abs_rest")
 PER_LAYER_KEYS = (
     "first_token_share",
     "first_token_attention_mass",
+    "sink_rate",
     "kurtosis_first",
     "kurtosis_rest",
     "max_abs_first",
@@ -50,6 +67,17 @@ PER_LAYER_KEYS = (
     "peak_abs_first",
     "peak_abs_rest",
 )
+
+
+DEFAULT_SINK_EPSILON = 0.3  # Gu et al.'s threshold on a head's mean first-token attention
+
+
+def argmax_share_chance(seq_len: int) -> float:
+    """Chance level of the first-token share for full causal rows of ``seq_len`` tokens: the mean of 1/(i+1) over the
+    queries i = 1..seq_len-1, i.e. ``(H_T - 1) / (T - 1)`` (see the module docstring). NaN below 2 tokens."""
+    if seq_len < 2:
+        return math.nan
+    return math.fsum(1.0 / keys for keys in range(2, seq_len + 1)) / (seq_len - 1)
 
 
 def valid_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,8 +111,13 @@ def token_kurtosis(hidden: torch.Tensor) -> torch.Tensor:
 class OutlierStatistics:
     """Per-layer running sums of the outlier metrics; feed it with ``begin_batch`` then the layer callbacks."""
 
-    def __init__(self, layers: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, layers: int, device: torch.device | str = "cpu",
+                 sink_epsilon: float = DEFAULT_SINK_EPSILON) -> None:
         self.layers = layers
+        self.sink_epsilon = sink_epsilon
+        # Chance level of the share: sum over measured queries of 1/(keys visible) and their number (every layer and
+        # head measures the same queries, so one pair of sums serves all).
+        self._chance = torch.zeros(2, dtype=torch.float64, device=device)
         self._sums = {name: torch.zeros(layers, dtype=torch.float64, device=device) for name in _SUM_FIELDS}
         self._peaks = {name: torch.zeros(layers, dtype=torch.float64, device=device) for name in _PEAK_FIELDS}
         self._first: torch.Tensor | None = None
@@ -94,6 +127,8 @@ class OutlierStatistics:
         """Set the [B, T] real-token mask of the batch about to be forwarded."""
         self._first = valid[:, 0]
         self._rest = valid[:, 1:]
+        keys_visible = torch.arange(2, valid.shape[1] + 1, device=valid.device, dtype=torch.float64)
+        self._chance += torch.stack([(self._rest / keys_visible).sum(), self._rest.sum().double()])
 
     def update_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """Accumulate kurtosis and max |X| of block ``layer``'s output [B, T, D]."""
@@ -114,14 +149,21 @@ class OutlierStatistics:
             peak[layer] = torch.maximum(peak[layer], masked_max.amax().double())
 
     def update_attention(self, layer: int, probs: torch.Tensor) -> None:
-        """Accumulate first-token share and mass of attention ``layer``'s weights [B, H, T, S] (queries 1..T-1)."""
+        """Accumulate first-token share, mass and sink heads of attention ``layer``'s weights [B, H, T, S] (queries
+        1..T-1)."""
         queries = probs.detach()[:, :, 1:, :].float()
         first = queries[..., 0]
         others = queries[..., 1:].amax(dim=-1)
         mask = self._rest[:, None, :].expand_as(first)
+        first_mass = torch.where(mask, first, 0.0).double()
         self._sums["sink_hits"][layer] += (mask & (first > others)).sum()
         self._sums["query_pairs"][layer] += mask.sum()
-        self._sums["first_mass"][layer] += torch.where(mask, first, 0.0).sum().double()
+        self._sums["first_mass"][layer] += first_mass.sum()
+        real_queries = self._rest.sum(dim=-1)  # [B]; a row without any has no head mean (0/0) and is not counted
+        head_mean = first_mass.sum(dim=-1) / real_queries[:, None]  # [B, H]
+        counted = (real_queries > 0)[:, None].expand_as(head_mean)
+        self._sums["sink_heads"][layer] += (counted & (head_mean > self.sink_epsilon)).sum()
+        self._sums["head_samples"][layer] += counted.sum()
 
     def per_layer(self) -> dict[str, list[float]]:
         """Every metric as a list over layers (NaN where nothing was measured)."""
@@ -133,6 +175,7 @@ class OutlierStatistics:
         return {
             "first_token_share": ratio("sink_hits", "query_pairs"),
             "first_token_attention_mass": ratio("first_mass", "query_pairs"),
+            "sink_rate": ratio("sink_heads", "head_samples"),
             "kurtosis_first": ratio("kurtosis_first", "kurtosis_first_count"),
             "kurtosis_rest": ratio("kurtosis_rest", "kurtosis_rest_count"),
             "max_abs_first": ratio("max_abs_first", "first_count"),
@@ -142,7 +185,8 @@ class OutlierStatistics:
         }
 
     def summary(self) -> dict[str, float]:
-        """Flat dict: averages over layers (peaks: maximum over layers), excess kurtosis, and ``layer_{i}/<key>``."""
+        """Flat dict: averages over layers (peaks: maximum over layers), excess kurtosis, the share's chance level,
+        and ``layer_{i}/<key>``."""
         per_layer = self.per_layer()
         result: dict[str, float] = {}
         for key, values in per_layer.items():
@@ -150,6 +194,8 @@ class OutlierStatistics:
             result[key] = float(tensor.max() if key.startswith("peak") else tensor.mean())
         result["excess_kurtosis_first"] = result["kurtosis_first"] - 3.0
         result["excess_kurtosis_rest"] = result["kurtosis_rest"] - 3.0
+        chance, queries = self._chance.tolist()
+        result["first_token_share_chance"] = chance / queries if queries else math.nan
         for key, values in per_layer.items():
             for layer, value in enumerate(values):
                 result[f"layer_{layer}/{key}"] = value
@@ -171,13 +217,15 @@ def check_token_ids(model: PreTrainedModel, input_ids: torch.Tensor) -> None:
 
 
 def outlier_metrics(
-    model: PreTrainedModel, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    model: PreTrainedModel, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+    sink_epsilon: float = DEFAULT_SINK_EPSILON,
 ) -> dict[str, float]:
     """All outlier metrics of ``model`` on one batch (e.g. a fixed probe batch for training telemetry).
 
-    Keys: ``first_token_share``, ``first_token_attention_mass``, ``kurtosis_first``, ``kurtosis_rest``,
-    ``excess_kurtosis_first``, ``excess_kurtosis_rest``, ``max_abs_first``, ``max_abs_rest``, ``peak_abs_first``,
-    ``peak_abs_rest`` (layer averages; peaks are maxima) and ``layer_{i}/<key>`` for each of ``PER_LAYER_KEYS``.
+    Keys: ``first_token_share``, ``first_token_attention_mass``, ``sink_rate`` (threshold ``sink_epsilon``),
+    ``kurtosis_first``, ``kurtosis_rest``, ``excess_kurtosis_first``, ``excess_kurtosis_rest``, ``max_abs_first``,
+    ``max_abs_rest``, ``peak_abs_first``, ``peak_abs_rest`` (layer averages; peaks are maxima),
+    ``first_token_share_chance`` and ``layer_{i}/<key>`` for each of ``PER_LAYER_KEYS``.
     Runs under ``torch.no_grad()`` in eval mode on a weight-returning attention of the model's own kind; the
     attention implementation and the training mode are restored afterwards. Skips the LM head (logits unused).
     A DeepSpeed engine may be passed as is: its wrapped ``module`` is measured.
@@ -189,7 +237,7 @@ def outlier_metrics(
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     valid = valid_token_mask(input_ids, attention_mask)
     check_token_ids(model, input_ids)
-    stats = OutlierStatistics(num_layers(model), device)
+    stats = OutlierStatistics(num_layers(model), device, sink_epsilon)
     with evaluation_mode(model), eager_attention(model):
         with stream_layer_outputs(model, stats.update_hidden, stats.update_attention):
             stats.begin_batch(valid)

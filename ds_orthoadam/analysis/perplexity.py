@@ -1,7 +1,8 @@
 """Perplexity as a running sum of token negative log-likelihoods (memory independent of the number of samples).
 
 ppl = exp(sum of -log p(x_{t+1} | x_{<=t}) / number of predicted tokens), over every position t whose next token is a
-real (non-padding) token. Logits are upcast to float32 for the log-softmax.
+real (non-padding) token. Logits are upcast to float32 for the log-softmax. A diverged model's mean NLL may exceed
+exp's range (about 709): its perplexity is then infinity, not an OverflowError that would lose the report.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 from ds_orthoadam.analysis.batches import Batch, batch_tensors
 from ds_orthoadam.analysis.hooks import evaluation_mode
 from ds_orthoadam.analysis.metrics import model_device, valid_token_mask
+from ds_orthoadam.evaluation import perplexity as perplexity_of_loss
 
 
 class NLLAccumulator:
@@ -35,7 +37,7 @@ class NLLAccumulator:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.total_nll / self.tokens) if self.tokens else math.nan
+        return perplexity_of_loss(self.total_nll / self.tokens) if self.tokens else math.nan
 
 
 def perplexity(model: PreTrainedModel, batches: Iterable[Batch], description: str | None = None) -> float:

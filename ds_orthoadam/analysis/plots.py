@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ds_orthoadam.analysis.metrics import DEFAULT_SINK_EPSILON, argmax_share_chance  # noqa: E402
 from ds_orthoadam.analysis.report import weight_only_results  # noqa: E402
 from ds_orthoadam.analysis.runner import SampleMaps  # noqa: E402
 
@@ -23,8 +24,8 @@ def _save(figure, out_dir: str, name: str) -> str:
     return name
 
 
-def _per_layer_plot(models: Sequence[dict], keys: Sequence[tuple[str, str]], ylabel: str, log: bool, title: str):
-    figure, axis = plt.subplots(figsize=(7, 4), layout="constrained")
+def _draw_per_layer(axis, models: Sequence[dict], keys: Sequence[tuple[str, str]], ylabel: str, log: bool,
+                    title: str) -> None:
     for index, entry in enumerate(models):
         colour = f"C{index}"
         for key, style in keys:
@@ -35,11 +36,32 @@ def _per_layer_plot(models: Sequence[dict], keys: Sequence[tuple[str, str]], yla
     axis.set_xlabel("layer")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(ylabel)
-    axis.set_title(title)
+    axis.set_title(title, fontsize=10)
     if log:
         axis.set_yscale("log")
     axis.legend(fontsize="small")
     axis.grid(alpha=0.3)
+
+
+def _per_layer_plot(models: Sequence[dict], keys: Sequence[tuple[str, str]], ylabel: str, log: bool, title: str):
+    figure, axis = plt.subplots(figsize=(7, 4), layout="constrained")
+    _draw_per_layer(axis, models, keys, ylabel, log, title)
+    return figure
+
+
+def _first_token_plot(models: Sequence[dict], seq_len: int, sink_epsilon: float):
+    """Share, mass and sink rate per layer side by side; the share's chance level (also uniform attention's mass)
+    and the sink threshold as dotted lines."""
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    chance = argmax_share_chance(seq_len)
+    panels = (("first_token_share", "share of (query, head) pairs", "Max attention on the first token"),
+              ("first_token_attention_mass", "mean attention weight", "Attention mass on the first token"),
+              ("sink_rate", "share of (sequence, head) pairs", f"Sink rate (mean first-token mass > {sink_epsilon:g})"))
+    for axis, (key, ylabel, title) in zip(axes, panels):
+        _draw_per_layer(axis, models, [(key, "-")], ylabel, False, title)
+    for axis in axes[:2]:
+        axis.axhline(chance, color="grey", linestyle=":", label=f"chance at T={seq_len}")
+        axis.legend(fontsize="small")
     return figure
 
 
@@ -87,11 +109,12 @@ def _perplexity_vs_bits(models: Sequence[dict]):
     return figure
 
 
-def write_plots(out_dir: str, models: Sequence[dict], maps: Sequence[SampleMaps]) -> list[str]:
-    """Write every plot into ``out_dir``; returns the file names (relative to ``out_dir``)."""
+def write_plots(out_dir: str, models: Sequence[dict], maps: Sequence[SampleMaps], seq_len: int,
+                sink_epsilon: float = DEFAULT_SINK_EPSILON) -> list[str]:
+    """Write every plot into ``out_dir``; returns the file names (relative to ``out_dir``). ``seq_len`` places the
+    share's chance level, ``sink_epsilon`` names the sink rate's threshold."""
     written = [
-        _save(_per_layer_plot(models, [("first_token_share", "-")], "share of (query, head) pairs", False,
-                              "Max attention on the first token"), out_dir, "first_token_share.png"),
+        _save(_first_token_plot(models, seq_len, sink_epsilon), out_dir, "first_token_share.png"),
         _save(_per_layer_plot(models, [("kurtosis_first", "--"), ("kurtosis_rest", "-")], "Pearson kurtosis", True,
                               "Hidden-state kurtosis (first token dashed)"), out_dir, "kurtosis.png"),
         _save(_per_layer_plot(models, [("max_abs_first", "--"), ("max_abs_rest", "-")], "mean max |X|", True,

@@ -13,9 +13,15 @@ from transformers import PreTrainedModel
 from ds_orthoadam.analysis.batches import Batch, batch_tensors
 from ds_orthoadam.analysis.errors import AnalysisInputError
 from ds_orthoadam.analysis.hooks import eager_attention, evaluation_mode, num_layers, stream_layer_outputs
-from ds_orthoadam.analysis.metrics import OutlierStatistics, check_token_ids, model_device, valid_token_mask
+from ds_orthoadam.analysis.metrics import (
+    DEFAULT_SINK_EPSILON,
+    OutlierStatistics,
+    check_token_ids,
+    model_device,
+    valid_token_mask,
+)
 from ds_orthoadam.analysis.perplexity import NLLAccumulator, perplexity
-from ds_orthoadam.analysis.quantize import QuantScheme, quantizable_layers, quantized
+from ds_orthoadam.analysis.quantize import PAPER_COMPARABLE_SCHEME, QuantScheme, quantizable_layers, quantized
 
 DEFAULT_MAP_HEADS = 4
 
@@ -64,10 +70,12 @@ def metric_pass(
     map_heads: int = DEFAULT_MAP_HEADS,
     description: str | None = None,
     bos_token_id: int | None = None,
+    sink_epsilon: float = DEFAULT_SINK_EPSILON,
 ) -> tuple[OutlierStatistics, float, SampleMaps, dict]:
     """Outlier statistics, full-precision perplexity, sample maps and data facts, all from one forward per batch.
 
-    ``bos_token_id`` (default: the model config's) is only used to report how often the first token is BOS.
+    ``bos_token_id`` (default: the model config's) is only used to report how often the first token is BOS;
+    ``sink_epsilon`` is the sink rate's threshold.
     """
     layers = num_layers(model)
     if map_layer is not None and not 0 <= map_layer < layers:
@@ -75,7 +83,7 @@ def metric_pass(
     heads = model.config.get_text_config().num_attention_heads
     maps = SampleMaps(layers // 2 if map_layer is None else map_layer, list(range(min(map_heads, heads))))
     device = model_device(model)
-    stats, nll = OutlierStatistics(layers, device), NLLAccumulator()
+    stats, nll = OutlierStatistics(layers, device, sink_epsilon), NLLAccumulator()
     callbacks = _MetricPass(stats, maps)
     bos_id = model.config.get_text_config().bos_token_id if bos_token_id is None else bos_token_id
     sequences = bos_first = seq_len = 0
@@ -122,6 +130,7 @@ def quantization_pass(
                 "activations": scheme.activation_granularity,
                 "perplexity": ppl,
                 "penalty": ppl - reference_ppl,
+                "paper_comparable": scheme.name == PAPER_COMPARABLE_SCHEME,
             }
         )
     return results
@@ -134,12 +143,13 @@ def analyze_model(
     map_layer: int | None = None,
     description: str | None = None,
     bos_token_id: int | None = None,
+    sink_epsilon: float = DEFAULT_SINK_EPSILON,
 ) -> ModelAnalysis:
     """Every number of the report for one model: outlier metrics (overall and per layer), perplexity, quantisation."""
     if not batches:
         raise AnalysisInputError("no validation batches to analyse; use more documents (--samples)")
     stats, ppl, maps, data = metric_pass(
-        model, batches, map_layer, description=description, bos_token_id=bos_token_id
+        model, batches, map_layer, description=description, bos_token_id=bos_token_id, sink_epsilon=sink_epsilon
     )
     record = {
         "model": {
