@@ -16,7 +16,9 @@ from ds_orthoadam.analysis.quantize import (
     quantized,
     scheme_by_name,
 )
+from ds_orthoadam.data import resolve_source, validation_batches
 from ds_orthoadam.models import build_model
+from tests.analysis_fixtures import word_tokenizer, write_corpus
 
 ALL_WEIGHT_QUANTIZERS = [
     WeightQuantizer(bits, symmetric, granularity, group_size=16)
@@ -151,11 +153,13 @@ def test_activation_quantisation_per_tensor_and_per_token():
 
 
 def _real_token_w8a8_tensor_hook(valid: torch.Tensor):
-    """Reference W8A8 per-tensor input quantisation written out here: absmax over the real tokens only."""
+    """Reference W8A8 per-tensor input quantisation written out here: absmax over each sequence's real tokens only."""
     def hook(module, args):
-        values = args[0].double()
-        scale = values[valid].abs().max() / 127
-        return ((torch.clamp(torch.round(values / scale), -127, 127) * scale).to(args[0].dtype),)
+        rows = []
+        for values, real in zip(args[0].double(), valid):
+            scale = values[real].abs().max() / 127
+            rows.append(torch.clamp(torch.round(values / scale), -127, 127) * scale)
+        return (torch.stack(rows).to(args[0].dtype),)
 
     return hook
 
@@ -208,3 +212,47 @@ def test_scheme_names_and_bad_schemes():
         scheme_by_name("w3-sym-tensor")
     with pytest.raises(AnalysisInputError, match="granularity"):
         WeightQuantizer(4, True, "row")
+
+
+def test_per_sequence_activation_scales_equal_quantising_each_sequence_alone():
+    torch.manual_seed(4)
+    x = torch.randn(3, 5, 8) * torch.tensor([1.0, 40.0, 0.2])[:, None, None]  # sequence 1 holds the outlier
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 4 + [False]])
+    batched = quantize_activations(x, 8, "tensor", valid, per_sequence=True)
+    for row in range(3):
+        alone = quantize_activations(x[row:row + 1], 8, "tensor", valid[row:row + 1])
+        assert torch.equal(batched[row:row + 1], alone)
+    expected = _numpy_absmax(x[2:3, :4].numpy().astype(np.float64), axis=None)  # real tokens of sequence 2 only
+    assert np.allclose(batched[2, :4].numpy(), expected[0], atol=1e-6)
+    # One scale for the call would put sequence 0 on the outlier's coarse grid.
+    assert not torch.equal(quantize_activations(x, 8, "tensor", valid)[0], batched[0])
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_w8a8_per_tensor_perplexity_does_not_depend_on_the_batch_size(tmp_path, mode):
+    """The analyser's data path at --batch-size 1 and 8, one word given an outlier embedding (as a massive activation
+    would be): per-sequence scales give the same quantised perplexity; one scale per batch would not."""
+    corpus = write_corpus(str(tmp_path))
+    tokenizer = word_tokenizer()
+    torch.manual_seed(6)
+    model = build_model("llama-tiny", vocab_size=len(tokenizer), max_seq_len=64).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("garden")] *= 300.0
+        model.lm_head.weight.mul_(10.0)  # sharper predictions, so that activation noise shows in the perplexity
+    batches = {size: list(validation_batches(resolve_source(corpus["txt"], "validation"), tokenizer, 24, size, 16,
+                                             mode=mode)) for size in (1, 8)}
+    sizes = [b["input_ids"].shape[0] for b in batches[8]]
+    assert sizes[0] == 8 and sum(sizes) == len(batches[1])  # the same sequences, batched
+    ppl = {}
+    for size, data in batches.items():
+        with quantized(model, scheme_by_name("w8a8-tensor")):
+            ppl[size] = perplexity(model, data)
+    assert ppl[1] == pytest.approx(ppl[8], rel=1e-4)
+    with quantized(model, scheme_by_name("w8-sym-channel")) as layers:  # the same weights, one scale per batch
+        hook = lambda module, args: (quantize_activations(args[0], 8, "tensor"),) + args[1:]  # noqa: E731
+        handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()]
+        per_batch = perplexity(model, batches[8]) if mode == "pack" else None
+        for handle in handles:
+            handle.remove()
+    if per_batch is not None:  # (pack: no padding, so one scale per call is well defined)
+        assert abs(per_batch - ppl[1]) > 1e-3 * ppl[1]  # the outlier would have coarsened the others' grid

@@ -13,9 +13,15 @@ Weight quantisers work on the [out, in] view of the weight, in groups:
 * asymmetric (min-max): scale = (max - min) / (2^b - 1), zero point z = round(-min / scale),
   q = clamp(round(w / scale) + z, 0, 2^b - 1), w' = (q - z) * scale. A constant group is kept as it is.
 
-W8A8 adds 8-bit absmax fake quantisation of every quantised layer's input activations, with one dynamic scale per
-forward call (``tensor``, taken over the real tokens of the call's ``attention_mask``, so padding cannot change it) or
-per token (``token``); its weights are 8-bit symmetric per output channel.
+W8A8 adds 8-bit absmax fake quantisation of every quantised layer's input activations, per tensor (``tensor``) or
+per token (``token``); its weights are 8-bit symmetric per output channel. The per-tensor scale is dynamic, one per
+*sequence*: the absmax of that sequence's input to the layer over its real tokens (the ``attention_mask``), i.e. the
+tensor the layer sees when the sequence is run alone. Why per sequence: one scale per forward call made a sequence's
+result depend on which sequences shared its batch (an audit saw one sequence's error go from 0.019 alone to 1.95
+batched with a sequence holding an outlier), so the perplexity changed with ``--batch-size``; with one scale per
+sequence it does not, nor with padding. Static scales calibrated on held-out batches would also be batch-independent, but need a
+calibration split and choices (how many batches, max or percentile) that the paper does not specify; a dynamic scale
+per sequence needs neither and is what batch-1 inference with per-tensor dynamic quantisation does.
 """
 from __future__ import annotations
 
@@ -112,12 +118,13 @@ def _to_groups(weight: torch.Tensor, granularity: str, group_size: int):
 
 
 def quantize_activations(
-    inputs: torch.Tensor, bits: int, granularity: str, valid: torch.Tensor | None = None
+    inputs: torch.Tensor, bits: int, granularity: str, valid: torch.Tensor | None = None, per_sequence: bool = False
 ) -> torch.Tensor:
     """Dynamic absmax fake quantisation of activations [..., features]: one scale per call or per token.
 
     ``valid`` (boolean, ``inputs.shape[:-1]``) marks the real tokens; the per-tensor scale is taken over those only,
-    so padding cannot change it.
+    so padding cannot change it. ``per_sequence``: one per-tensor scale per entry of the leading (batch) dimension
+    instead of one for the call, as if every sequence were quantised alone.
     """
     values = inputs.float()
     if granularity == "token":
@@ -125,8 +132,12 @@ def quantize_activations(
     if valid is not None and valid.shape != values.shape[:-1]:
         raise AnalysisInputError(f"attention_mask shape {tuple(valid.shape)} does not match the layer input "
                                  f"{tuple(values.shape)}; pass the batch's [batch, seq_len] attention_mask")
-    real = values if valid is None else values[valid]
-    return absmax_round(values, bits, real.abs().amax()).to(inputs.dtype)
+    magnitudes = values.abs() if valid is None else torch.where(valid.unsqueeze(-1), values.abs(), 0.0)
+    if per_sequence:
+        absmax = magnitudes.flatten(1).amax(dim=1).view(-1, *[1] * (values.dim() - 1))
+    else:
+        absmax = magnitudes.amax()
+    return absmax_round(values, bits, absmax).to(inputs.dtype)
 
 
 @dataclass(frozen=True)
@@ -214,8 +225,9 @@ def quantized(model: PreTrainedModel, scheme: QuantScheme) -> Iterator[dict[str,
 def _activation_hooks(
     model: PreTrainedModel, layers: dict[str, nn.Module], scheme: QuantScheme
 ) -> list[RemovableHandle]:
-    """Quantise every layer's input; the real tokens are those of the ``attention_mask`` keyword that reaches the base
-    model (the transformer without its LM head; a model call passes its own mask on)."""
+    """Quantise every layer's input (per-tensor: one scale per sequence); the real tokens are those of the
+    ``attention_mask`` keyword that reaches the base model (the transformer without its LM head; a model call passes
+    its own mask on)."""
     call: dict[str, torch.Tensor | None] = {"valid": None}
 
     def remember_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -223,7 +235,8 @@ def _activation_hooks(
         call["valid"] = None if mask is None else mask.bool()
 
     def quantize_input(module: nn.Module, args: tuple) -> tuple:
-        quantised = quantize_activations(args[0], scheme.activation_bits, scheme.activation_granularity, call["valid"])
+        quantised = quantize_activations(args[0], scheme.activation_bits, scheme.activation_granularity, call["valid"],
+                                         per_sequence=True)  # independent of the batch (see the module docstring)
         return (quantised, *args[1:])
 
     return [model.base_model.register_forward_pre_hook(remember_mask, with_kwargs=True)] + [

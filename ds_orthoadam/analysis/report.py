@@ -13,8 +13,8 @@ FULL_PRECISION_NOTE = (
     "Quantised: every nn.Linear / GPT2 Conv1D except the LM head (attention q/k/v/o and MLP projections). "
     "Full precision: token/position embeddings, LM head, norms, biases, attention scores and weighted sums, "
     "residual additions. W8A8 weights are 8-bit absmax per output channel; activations (inputs of the quantised "
-    "layers) are 8-bit absmax with a dynamic scale per forward call over its real (unpadded) tokens (per-tensor) "
-    "or per token."
+    "layers) are 8-bit absmax with a dynamic scale per sequence over its real (unpadded) tokens (per-tensor: "
+    "independent of the batch size and of which sequences share a batch) or per token."
 )
 
 
