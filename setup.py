@@ -14,8 +14,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ds_orthoadam", "ds_orthoadam.*"]),
-    package_data={"ds_orthoadam": ["csrc/*.cpp"]},  # the CPU rotation kernel, compiled on first use
+    # ds_configs/ stays at the top of the repository and ships inside the package as ds_orthoadam.ds_configs
+    packages=find_packages(include=["ds_orthoadam", "ds_orthoadam.*"]) + ["ds_orthoadam.ds_configs"],
+    package_dir={"ds_orthoadam.ds_configs": "ds_configs"},
+    package_data={"ds_orthoadam": ["csrc/*.cpp"],  # the CPU rotation kernel, compiled on first use
+                  "ds_orthoadam.ds_configs": ["*.json", "variants/*.json"]},
     install_requires=[
         "torch>=2.13",
         "deepspeed==0.19.8",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ds_orthoadam.cli_errors import summary
+from ds_orthoadam.errors import UserError, summary
 
 CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "run.json"
@@ -42,8 +42,10 @@ CLIENT_STATE_KEY = "ds_orthoadam"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint directory that cannot be used as asked; the message says why and what to do."""
+
+    rank_specific = True  # a rank's own checkpoint shard can fail to load while the others' do not
 
 
 def tag_for_step(step: int) -> str:

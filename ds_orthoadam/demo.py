@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,12 @@ from transformers import AutoModelForCausalLM
 import ds_orthoadam  # noqa: F401  (registers softmax-1 for reloading the export)
 from ds_orthoadam.analysis.metrics import outlier_metrics
 from ds_orthoadam.data import TrainStream, load_tokenizer, validation_batches, validation_source
+from ds_orthoadam.distributed import free_port
 from ds_orthoadam.telemetry import HEADLINE_OUTLIER_METRICS
 
 DEMO_MODEL = "llama-tiny"
 UNIGRAM_SAMPLE_BATCHES = 200
 PROBE_SEQUENCES = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unigram_entropy(batches) -> float:

@@ -24,14 +24,17 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 import ds_orthoadam  # noqa: F401  (registers softmax-1 and the single-scale-norm model classes)
 from ds_orthoadam.checkpointing import CHECKPOINT_SUBDIR, RUN_FILE, CheckpointManager
-from ds_orthoadam.cli_errors import report_error, summary
-from ds_orthoadam.data import DataError, TokenizerError, check_vocab_fits, ensure_output_dir, load_tokenizer
+from ds_orthoadam.cli import ensure_output_dir, run_main
+from ds_orthoadam.data import TokenizerError, check_vocab_fits, load_tokenizer
+from ds_orthoadam.errors import UserError, summary
 from ds_orthoadam.models import build_config
 from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A run directory or checkpoint that cannot be exported; the message says why."""
+
+    rank_specific = True  # the trainer's export runs on rank 0 alone
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str, config: PreTrainedConfig, tokenizer,
@@ -125,21 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to export with the model (default: the path recorded in the run's run.json)")
     args = parser.parse_args(argv)
-    try:
-        config, run = run_model_config(args.run_dir)
-        tokenizer = run_tokenizer(run, Path(args.run_dir) / RUN_FILE, args.tokenizer, config.vocab_size)
-        ensure_output_dir(args.out)  # fail before reading a checkpoint
-        manager = CheckpointManager(args.run_dir, keep_last=1)
-        tag = args.tag or manager.latest_complete_tag()
-        if tag is None or tag not in manager.complete_tags():
-            raise ExportError(f"no complete checkpoint {tag or ''} in {Path(args.run_dir) / CHECKPOINT_SUBDIR} "
-                              f"(complete: {', '.join(manager.complete_tags()) or 'none'})")
-        out = export_checkpoint(manager.checkpoint_dir, tag, config, tokenizer, args.out, option="--out")
-    except (ExportError, DataError) as error:
-        return report_error(error)
-    print(f"exported {tag} to {out}")
-    return 0
+    return run_main(lambda: _export_run(args))
 
+
+def _export_run(args: argparse.Namespace) -> str:
+    config, run = run_model_config(args.run_dir)
+    tokenizer = run_tokenizer(run, Path(args.run_dir) / RUN_FILE, args.tokenizer, config.vocab_size)
+    ensure_output_dir(args.out)  # fail before reading a checkpoint
+    manager = CheckpointManager(args.run_dir, keep_last=1)
+    tag = args.tag or manager.latest_complete_tag()
+    if tag is None or tag not in manager.complete_tags():
+        raise ExportError(f"no complete checkpoint {tag or ''} in {Path(args.run_dir) / CHECKPOINT_SUBDIR} "
+                          f"(complete: {', '.join(manager.complete_tags()) or 'none'})")
+    out = export_checkpoint(manager.checkpoint_dir, tag, config, tokenizer, args.out, option="--out")
+    return f"exported {tag} to {out}"
 
 if __name__ == "__main__":
     sys.exit(main())

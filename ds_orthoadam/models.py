@@ -30,6 +30,7 @@ from transformers import (
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ds_orthoadam.attention import SOFTMAX1_AUTO
+from ds_orthoadam.errors import UserError
 
 DEFAULT_SEQ_LEN = 256
 DEFAULT_VOCAB_SIZE = 32000
@@ -40,7 +41,7 @@ NORM_CHOICES = ("default", "single_scale_rmsnorm")
 _ATTN_IMPLEMENTATION = {"softmax": "sdpa", "softmax1": SOFTMAX1_AUTO}
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """An unknown model name or option, with the valid choices in the message."""
 
 

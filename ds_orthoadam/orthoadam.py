@@ -26,6 +26,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
+from ds_orthoadam.errors import UserError
 from ds_orthoadam.rotations import (
     DEFAULT_LONG_AXIS,
     DEFAULT_MAX_DENSE_DIM,
@@ -52,11 +53,11 @@ except ImportError:
     _FUSED_DEVICES = frozenset()
 
 
-class OrthoAdamConfigError(ValueError):
+class OrthoAdamConfigError(UserError, ValueError):
     """A hyper-parameter of OrthoAdam is invalid."""
 
 
-class OrthoAdamStateError(ValueError):
+class OrthoAdamStateError(UserError, ValueError):
     """A state dict does not fit the parameters it is loaded onto."""
 
 

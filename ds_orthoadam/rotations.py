@@ -71,6 +71,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ds_orthoadam import kron_cpu
+from ds_orthoadam.errors import UserError
 
 ROTATION_KINDS = ("dense", "hadamard")
 LONG_AXIS_TRANSFORMS = ("hadamard", "identity")
@@ -92,7 +93,7 @@ ODD_BLOCK_TARGET = 32
 MAX_ODD_PRIME = 256
 
 
-class RotationKindError(ValueError):
+class RotationKindError(UserError, ValueError):
     """An unknown rotation kind was requested."""
 
 
@@ -104,7 +105,7 @@ def check_kind(kind: str) -> None:
         )
 
 
-class RotationVersionError(ValueError):
+class RotationVersionError(UserError, ValueError):
     """A rotation scheme version this release cannot build was requested (a checkpoint from a newer release)."""
 
 
@@ -115,7 +116,7 @@ def check_version(version: object) -> None:
             f"({', '.join(map(str, SUPPORTED_ROTATION_VERSIONS))}): resume with the release that wrote it")
 
 
-class LongAxisError(ValueError):
+class LongAxisError(UserError, ValueError):
     """An unknown long-axis transform was requested."""
 
 
@@ -125,7 +126,7 @@ def check_long_axis(long_axis: str) -> None:
                             f"{', '.join(LONG_AXIS_TRANSFORMS)}")
 
 
-class MaxRotatedDimError(ValueError):
+class MaxRotatedDimError(UserError, ValueError):
     """``max_rotated_dim`` is neither None nor a positive integer."""
 
 

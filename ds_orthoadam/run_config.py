@@ -12,26 +12,40 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ds_orthoadam.cli_errors import summary
+from ds_orthoadam.errors import UserError, summary
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+
+
+def _shipped_config_dir() -> Path:
+    """``ds_configs/``: the repository's top-level folder, installed as the package data ``ds_orthoadam.ds_configs``
+    (setup.py maps the one onto the other), so that a wheel install (``pip install .``) has the default configs too.
+    A source tree on ``sys.path`` without any install reads the folder next to the package."""
+    try:
+        return Path(str(resources.files("ds_orthoadam.ds_configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+DS_CONFIG_DIR = _shipped_config_dir()
 VARIANT_DIR = DS_CONFIG_DIR / "variants"
 SCHEDULER_TYPE = "WarmupCosineLR"
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError, ValueError):
     """A DeepSpeed config (or override) that cannot be used; the message names the problem and the fix."""
 
 
 def default_ds_config_path(model_name: str) -> Path:
-    """``ds_configs/<model_name>.json``: the paper's setup for that model size."""
-    return DS_CONFIG_DIR / f"{model_name}.json"
+    """``ds_configs/<model_name>.json``: the paper's setup for that model size; ``ds_configs/cpu.json`` (fp32, two
+    CPU ranks) for the ``*-tiny`` models, which exist for the demo and the tests."""
+    return DS_CONFIG_DIR / ("cpu.json" if model_name.endswith("-tiny") else f"{model_name}.json")
 
 
 def variant_path(name: str) -> Path:
@@ -157,9 +171,9 @@ def section(config: dict, name: str, example: str = "enabled=true") -> dict:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    """A JSON number (bool is an int in Python, but ``true`` is not a number in a config)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A real number as a config value (bool is an int in Python, but ``true`` is not a number in a config)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_zero_stage(config: dict) -> None:
@@ -176,7 +190,7 @@ def check_gradient_clipping(config: dict) -> None:
     if "gradient_clipping" not in config:
         raise RunConfigError("gradient_clipping must be set explicitly (DeepSpeed 0.19 silently defaults it to 1.0)")
     value = config["gradient_clipping"]
-    if not _is_number(value) or not value >= 0:
+    if not is_number(value) or not value >= 0:
         raise RunConfigError(f"gradient_clipping must be a number >= 0 (0 turns clipping off), got {value!r} "
                              "(e.g. --set gradient_clipping=1.0)")
 
@@ -188,7 +202,7 @@ def check_learning_rate(config: dict) -> None:
     if not isinstance(params, dict):
         raise RunConfigError(f"optimizer.params must be a JSON object, e.g. --set optimizer.params.lr=0.001, "
                              f"got {params!r}")
-    if "lr" in params and not _is_number(params["lr"]):
+    if "lr" in params and not is_number(params["lr"]):
         raise RunConfigError(f"optimizer.params.lr must be a number, got {params['lr']!r} "
                              "(e.g. --set optimizer.params.lr=0.001)")
 

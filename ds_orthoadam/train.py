@@ -30,22 +30,24 @@ import torch.distributed as dist
 import transformers
 
 import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
-from ds_orthoadam import run_config
+from ds_orthoadam import ds_internals, run_config
 from ds_orthoadam.checkpointing import TAG_PATTERN, CheckpointError, CheckpointManager, rng_state, set_rng_state
-from ds_orthoadam.cli_errors import EXIT_BAD_INPUT, integer_at_least, report_error, summary
+from ds_orthoadam.cli import EXIT_BAD_INPUT, integer_at_least, positive_number, report_error
 from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
+from ds_orthoadam.distributed import agree, process_rank, single_process_defaults
+from ds_orthoadam.errors import UserError, summary
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
-from ds_orthoadam.export import ExportError, export_checkpoint
-from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, ModelConfigError, build_model
+from ds_orthoadam.export import export_checkpoint
+from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, build_model
 from ds_orthoadam.telemetry import Telemetry, flops_per_token, peak_tflops_for_device
-from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError, RotationMismatchError
+from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError
 
 EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130
 EXIT_PEER_FAILED = 1
 
 
-class ArgumentConflict(ValueError):
+class ArgumentConflict(UserError, ValueError):
     """Command-line arguments that cannot work with the output directory or its checkpoint (the same on every rank);
     the message names the problem and the fix."""
 
@@ -56,14 +58,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _positive(text: str) -> float:
-    """argparse type: a number > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="steps between outlier telemetry on the probe batch (0: off)")
     schedule.add_argument("--probe-samples", type=integer_at_least(1), default=4,
                           help="sequences in the fixed outlier probe batch")
-    schedule.add_argument("--peak-tflops", type=_positive, default=None,
+    schedule.add_argument("--peak-tflops", type=positive_number, default=None,
                           help="peak TFLOP/s per device for the MFU estimate (default: the detected GPU's dense "
                                "fp16/bf16 tensor-core peak, e.g. V100 125, A100 312, H100 989; on a CPU or an "
                                "unlisted GPU MFU is not reported)")
@@ -138,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def compose_config(args: argparse.Namespace, world_size: int) -> dict:
     """The run's validated DeepSpeed config, with its monitors pointed at the output directory."""
-    base = args.ds_config or (run_config.DS_CONFIG_DIR / "cpu.json" if args.model.endswith("-tiny")
-                              else run_config.default_ds_config_path(args.model))
+    base = args.ds_config or run_config.default_ds_config_path(args.model)
     overrides = ([run_config.variant_path(args.optimizer)] if args.optimizer else []) + args.ds_override
     config = run_config.compose_ds_config(base, overrides, args.assignments)
     run_config.validate(config, world_size)
@@ -244,13 +237,6 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"[rank {os.environ.get('RANK', 0)}] {signal.Signals(signum).name}: stopping after this step and "
               "saving a checkpoint (Ctrl-C again to abandon it)", file=sys.stderr, flush=True)
-
-
-def agree(values: list[float], device: torch.device) -> list[float]:
-    """Sum ``values`` over all ranks (one small all-reduce per step: loss and stop flag travel together)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -413,36 +399,21 @@ def quiet_other_ranks(rank: int) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def single_process_defaults() -> None:
-    """Let a plain ``python -m ds_orthoadam.train`` run as a world of one (DeepSpeed would look for MPI instead)."""
-    if "RANK" not in os.environ:
-        from ds_orthoadam.demo import free_port
-
-        defaults = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        for name, value in defaults.items():
-            os.environ.setdefault(name, value)
-
-
-SHARED_ERRORS = (run_config.RunConfigError, ArgumentConflict, ModelConfigError, DeepSpeedConfigError,
-                 RotationMismatchError)
-"""Errors that follow from the arguments and config alone: every rank raises the same one, so rank 0 reports it."""
-RANK_ERRORS = (CheckpointError, DataError, ExportError)
-"""Errors a rank may hit alone (its share of the data, its checkpoint files): that rank must report it."""
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _fail_everywhere(message: str, exit_code: int) -> int:
     """Report an error every rank hits alike once, on rank 0."""
-    return report_error(message, exit_code) if _rank() == 0 else exit_code
+    return report_error(message, exit_code) if process_rank() == 0 else exit_code
 
 
 def _fail_here(message: str, exit_code: int) -> int:
     """Report an error of this rank, on this rank: the others only see a closed connection when it exits, so it
     alone can name the cause. Ranks other than 0 say who they are."""
-    return report_error(message if _rank() == 0 else f"rank {_rank()}: {message}", exit_code)
+    rank = process_rank()
+    return report_error(message if rank == 0 else f"rank {rank}: {message}", exit_code)
+
+
+def _fail_user_error(error: UserError) -> int:
+    """A :class:`UserError` is reported once (rank 0) when every rank hits it alike, by its rank otherwise."""
+    return (_fail_here if error.rank_specific else _fail_everywhere)(str(error), EXIT_BAD_INPUT)
 
 
 def _lost_peer(error: RuntimeError) -> bool:
@@ -457,20 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds_config = compose_config(args, world_size)
         prepare_output_dir(args.output_dir)
-    except SHARED_ERRORS as error:
-        return _fail_everywhere(str(error), EXIT_BAD_INPUT)
-    quiet_other_ranks(int(os.environ.get("RANK", "0")))
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; its JIT build costs ~40 s
+    except UserError as error:
+        return _fail_user_error(error)
+    quiet_other_ranks(process_rank())
+    ds_internals.skip_shm_comm_build()
     deepspeed.init_distributed()
     exit_code = 0
     try:
         trainer = Trainer(args, ds_config)
         trainer.run()
         trainer.finish()
-    except SHARED_ERRORS as error:
-        exit_code = _fail_everywhere(str(error), EXIT_BAD_INPUT)
-    except RANK_ERRORS as error:
-        exit_code = _fail_here(str(error), EXIT_BAD_INPUT)
+    except UserError as error:
+        exit_code = _fail_user_error(error)
     except TrainingStopped as stopped:  # the ranks agreed on it (all-reduce), so all stop alike
         exit_code = _fail_everywhere(str(stopped), stopped.exit_code)
     except RuntimeError as error:

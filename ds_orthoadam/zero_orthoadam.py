@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -57,18 +56,20 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from ds_orthoadam import ds_internals
 from ds_orthoadam import rotations
+from ds_orthoadam.errors import UserError
+from ds_orthoadam.run_config import is_number
 from ds_orthoadam.rotations import Rotation, ScratchBuffers, make_rotation
 
 ORTHOADAM_TYPE = "orthoadam"
-CLIENT_STATE_KEY = "ds_orthoadam_rotation"
+ROTATION_STATE_KEY = "ds_orthoadam_rotation"  # in client_state beside the trainer's checkpointing.CLIENT_STATE_KEY
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """A DeepSpeed config field is invalid for OrthoAdam; the message names the field and the fix."""
 
 
-class RotationMismatchError(ValueError):
+class RotationMismatchError(UserError, ValueError):
     """A checkpoint was written with different rotations than the engine loading it."""
 
 
@@ -97,13 +98,9 @@ def saved_rotation_spec(record: dict) -> RotationSpec:
 # --------------------------------------------------------------------------------------------------- config
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_number(params: dict, name: str, low: float, high: float | None = None) -> float:
     value = params[name]
-    if not _is_number(value) or value < low or (high is not None and value >= high):
+    if not is_number(value) or value < low or (high is not None and value >= high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise DeepSpeedConfigError(f"optimizer.params.{name} must be a number {bound}, got {value!r}")
     return float(value)
@@ -132,7 +129,7 @@ def _parse_orthoadam_params(params: Any) -> tuple[dict, RotationSpec]:
     merged = {**_ADAMW_DEFAULTS, **_ROTATION_DEFAULTS, **params}
     betas = merged["betas"]
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
-            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+            or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas)):
         raise DeepSpeedConfigError(f"optimizer.params.betas must be a list of two numbers in [0, 1), got {betas!r}")
     for field, choices in (("rotation", rotations.ROTATION_KINDS), ("long_axis", rotations.LONG_AXIS_TRANSFORMS)):
         if merged[field] not in choices:
@@ -409,7 +406,7 @@ class OrthoAdamEngineHooks:
         return result
 
     def save_checkpoint(self, original_save, save_dir, tag=None, client_state=None, **kwargs):
-        client_state = {**(client_state or {}), CLIENT_STATE_KEY: asdict(self.frame.spec)}
+        client_state = {**(client_state or {}), ROTATION_STATE_KEY: asdict(self.frame.spec)}
         return original_save(save_dir, tag=tag, client_state=client_state, **kwargs)
 
     def _follow_saved_rotations(self, record: dict, load_path: str) -> None:
@@ -445,7 +442,7 @@ class OrthoAdamEngineHooks:
             custom_load_fn=custom_load_fn)
         if load_path is None:
             return load_path, client_state
-        saved = (client_state or {}).pop(CLIENT_STATE_KEY, None)
+        saved = (client_state or {}).pop(ROTATION_STATE_KEY, None)
         if module_only:
             # Only the real weights theta are taken, whatever frame (or plain optimiser) wrote them; DeepSpeed has
             # refreshed the master from the module, which is set to this engine's Q theta.
@@ -524,10 +521,10 @@ def export_fp32_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[
     if ds_internals.weights_only_in_model_states(checkpoint_dir, tag, saved):
         return {name: tensor.float() for name, tensor in saved["module"].items()}
     phi = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-    if CLIENT_STATE_KEY not in saved:
+    if ROTATION_STATE_KEY not in saved:
         return phi  # not an OrthoAdam checkpoint: DeepSpeed's weights are already real
     optimized = {name for group in saved["param_shapes"] for name in group}
     trainable = [(name, torch.nn.Parameter(tensor)) for name, tensor in phi.items() if name in optimized]
-    spec = saved_rotation_spec(saved[CLIENT_STATE_KEY])
+    spec = saved_rotation_spec(saved[ROTATION_STATE_KEY])
     _check_buildable(spec, checkpoint_dir)
     return RotatedFrame(trainable, spec).unrotate_state_dict(phi)

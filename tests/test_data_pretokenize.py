@@ -7,7 +7,8 @@ import torch
 
 from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
 from ds_orthoadam.data.errors import DataSourceError, TokenizerError
-from ds_orthoadam.data.pretokenize import choose_dtype, main, read_index
+from ds_orthoadam.data.pretokenize import choose_dtype, main
+from ds_orthoadam.data.token_shards import read_index
 from ds_orthoadam.data.sources import resolve_source
 from ds_orthoadam.data.stream import TrainStream
 from ds_orthoadam.data.tokenizer import encode_documents

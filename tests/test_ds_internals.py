@@ -267,3 +267,9 @@ def test_csv_monitor_layout_and_its_record_of_headers_written(tmp_path):
     second.monitor.write_events([("Train/loss", 0.125, 3)])
     assert files[0].read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.125"]
     assert ds_internals.csv_monitor_files(_engine(0)) is None  # monitor off
+
+
+def test_the_shm_comm_op_skipped_at_start_up_is_one_deepspeed_knows():
+    assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
+    ds_internals.skip_shm_comm_build()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False

@@ -9,7 +9,7 @@ import pytest
 
 from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
 from ds_orthoadam import export
-from ds_orthoadam.data import OutputPathError
+from ds_orthoadam.errors import OutputPathError
 from ds_orthoadam.models import build_config, build_model
 
 MODEL_ARGS = {"name": "llama-tiny", "vocab_size": 600, "max_seq_len": 32}

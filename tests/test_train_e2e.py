@@ -21,7 +21,8 @@ import torch
 import ds_orthoadam  # noqa: F401
 from ds_orthoadam.checkpointing import COMPLETE_MARKER
 from ds_orthoadam.data import train_tokenizer
-from ds_orthoadam.demo import free_port
+from ds_orthoadam.distributed import free_port
+from ds_orthoadam.ds_logging import NOISE
 from ds_orthoadam.models import build_model
 from ds_orthoadam.telemetry import MFU_TAG, TRAIN_TAGS, VALIDATION_TAGS
 
@@ -259,6 +260,20 @@ def test_an_error_on_rank_1_alone_is_reported_by_rank_1(corpus, tmp_path):
     reported = [line for line in output.splitlines() if line.startswith("error: rank 1: ")]
     assert len(reported) == 1 and f"gets no document of {single}" in reported[0], output[-4000:]
     assert "Traceback" not in output  # rank 0's lost connection is one line too
+
+
+def test_a_missing_tokenizer_every_rank_hits_is_printed_once(corpus, tmp_path):
+    """An error that follows from the arguments hits every rank alike: rank 0 alone prints it."""
+    returncode, output = launch({**corpus, "tokenizer": str(tmp_path / "no-tokenizer")}, tmp_path / "run",
+                                "--no-export")
+    assert returncode == 2, output[-4000:]
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "no-tokenizer" in errors[0], output[-4000:]
+
+
+def test_the_start_up_shows_no_deepspeed_noise(reference_run):
+    log = (reference_run.parent / "reference.log").read_text()
+    assert not [line for line in NOISE if line in log]
 
 
 def test_fp16_on_a_cpu_is_a_one_line_error_naming_the_cpu_config(corpus, tmp_path):

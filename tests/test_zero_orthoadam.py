@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ds_orthoadam
-from ds_orthoadam.zero_orthoadam import (CLIENT_STATE_KEY, DeepSpeedConfigError, RotationMismatchError,
+from ds_orthoadam.zero_orthoadam import (ROTATION_STATE_KEY, DeepSpeedConfigError, RotationMismatchError,
                                          export_fp32_state_dict, resolve_config)
 from ds_orthoadam.orthoadam import OrthoAdam
 from zero_harness import (BETAS, CLIP, EPS, FP16, GRAD_ACCUM, LR, ROTATION, SEED, STEPS, WEIGHT_DECAY, ds_config,
@@ -405,7 +405,7 @@ def test_a_checkpoint_from_before_max_rotated_dim_goes_on_rotating_every_axis(tm
     # As a release before max_rotated_dim wrote it: the rotation record has no such field.
     states_file = next((tmp_path / "old").glob("*model_states.pt"))
     states = torch.load(states_file, weights_only=False)
-    del states[CLIENT_STATE_KEY]["max_rotated_dim"]
+    del states[ROTATION_STATE_KEY]["max_rotated_dim"]
     torch.save(states, states_file)
     resumed = _hadamard_engine(max_rotated_dim=100)  # would leave every axis but the 64-wide hidden one unrotated
     with pytest.warns(RuntimeWarning, match="written before max_rotated_dim existed, with every axis rotated"):

@@ -20,8 +20,8 @@ from ds_orthoadam.analysis.plots import write_plots
 from ds_orthoadam.analysis.quantize import DEFAULT_GROUP_SIZE, default_schemes, scheme_by_name
 from ds_orthoadam.analysis.report import report_settings, write_report
 from ds_orthoadam.analysis.runner import analyze_model
-from ds_orthoadam.cli_errors import report_error
-from ds_orthoadam.data import DataError, ensure_output_dir, resolve_source, validation_batches
+from ds_orthoadam.cli import ensure_output_dir, run_main
+from ds_orthoadam.data import resolve_source, validation_batches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,12 +130,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        markdown = run(args)
-    except (AnalysisInputError, DataError) as error:
-        return report_error(error)
-    print(f"report written to {markdown}")
-    return 0
+    return run_main(lambda: f"report written to {run(args)}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ Names are imported lazily (PEP 562), so ``python -m ds_orthoadam.data.<module>``
 from importlib import import_module
 
 _EXPORTS = {
-    "DataError": "errors", "DataSourceError": "errors", "OutputPathError": "errors", "TokenizerError": "errors",
-    "ensure_output_dir": "outputs",
+    "DataArgumentError": "errors", "DataError": "errors", "DataSourceError": "errors", "TokenizerError": "errors",
     "IGNORE_INDEX": "packing", "sequence_policy": "packing",
     "DataSource": "sources", "resolve_source": "sources", "validation_source": "sources",
     "TrainStream": "stream",

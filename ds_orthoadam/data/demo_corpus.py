@@ -28,9 +28,8 @@ import sys
 import tarfile
 from dataclasses import dataclass
 
-from ds_orthoadam.cli_errors import report_error
-from .outputs import ensure_output_dir
-from .errors import DataError, DataSourceError
+from ds_orthoadam.cli import ensure_output_dir, run_main
+from .errors import DataSourceError
 
 BUILDER_VERSION = 1
 DOCUMENT_CHARS = 2000  # about the median length of a C4 document
@@ -191,20 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="where downloaded archives are kept (default OUT/downloads)")
     parser.add_argument("--with-jargon", action="store_true", help="add the Jargon File (Debian jargon-text)")
     args = parser.parse_args(argv)
+    return run_main(lambda: _build(args))
+
+
+def _build(args: argparse.Namespace) -> str:
     cache = args.cache or os.path.join(args.out, "downloads")
-    try:
-        ensure_output_dir(args.out)  # before any download
-        texts = extract_sdist_texts(PYPI_TEXTS, download_sdists(PYPI_TEXTS, cache))
-        if args.with_jargon:
-            texts["jargon.txt"] = extract_jargon(download_jargon(cache))
-        wrote = write_demo_corpus(texts, args.out)
-    except DataError as error:
-        return report_error(error)
+    ensure_output_dir(args.out)  # before any download
+    texts = extract_sdist_texts(PYPI_TEXTS, download_sdists(PYPI_TEXTS, cache))
+    if args.with_jargon:
+        texts["jargon.txt"] = extract_jargon(download_jargon(cache))
+    wrote = write_demo_corpus(texts, args.out)
     with open(os.path.join(args.out, "MANIFEST.json")) as handle:
         counts = json.load(handle)["documents"]
     state = "written" if wrote else "up to date"
-    print(f"demo corpus {state}: {args.out} ({counts['train']} train / {counts['validation']} validation documents)")
-    return 0
+    return f"demo corpus {state}: {args.out} ({counts['train']} train / {counts['validation']} validation documents)"
 
 
 if __name__ == "__main__":

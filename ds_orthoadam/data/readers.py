@@ -19,7 +19,7 @@ from typing import Iterator
 import datasets
 import pyarrow as pa
 
-from .errors import DataSourceError
+from .errors import LOCAL_C4_HINT, DataSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ class _NonStringTexts:
 
 
 def _connection_hint(path: str, error: Exception) -> DataSourceError:
-    from .sources import LOCAL_C4_HINT
-
     return DataSourceError(f"cannot stream {path} from the hub ({error}); without network, {LOCAL_C4_HINT}")
 
 

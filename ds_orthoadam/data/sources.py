@@ -5,7 +5,7 @@ Accepted strings (see docs/data.md):
 * ``c4`` (or ``allenai/c4``): the C4 ``en`` config streamed from the Hugging Face hub (1024 train / 8 validation
   json.gz shards, read through HF datasets' json loader with ``hf://`` paths).
 * a directory: C4-format shards named ``c4-{split}.*.json[.gz]`` / ``*.jsonl``, or a pre-tokenised directory
-  (``{split}/index.json``, written by :mod:`ds_orthoadam.data.pretokenize`).
+  (``{split}/index.json``, see :mod:`ds_orthoadam.data.token_shards`).
 * files or globs (comma-separated) of ``*.json``, ``*.json.gz``, ``*.jsonl[.gz]`` (C4 format: one JSON object per line
   with a ``text`` field) or ``*.txt`` (one document per blank-line-separated paragraph).
 
@@ -24,8 +24,9 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from .errors import DataSourceError
+from .errors import LOCAL_C4_HINT, DataArgumentError
 from .readers import iter_json_documents, iter_text_documents
+from .token_shards import TokenShard, read_index
 
 Split = Literal["train", "validation"]
 
@@ -34,10 +35,6 @@ C4_HUB_SHARDS = {"train": 1024, "validation": 8}
 JSON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt",)
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-LOCAL_C4_HINT = (
-    "download the C4 'en' shards (c4-train.*-of-01024.json.gz, c4-validation.*-of-00008.json.gz from "
-    "https://huggingface.co/datasets/allenai/c4/tree/main/en) and pass --data /path/to/that/directory"
-)
 
 
 @dataclass(frozen=True)
@@ -65,8 +62,6 @@ class DataSource:
         """Documents of shard ``index`` from document ``start_doc`` on (earlier ones are skipped, not tokenised)."""
         path = self.shards[index]
         if self.kind == "tokens":
-            from .pretokenize import TokenShard
-
             return TokenShard(path).documents(start_doc)
         if self.is_hub:
             require_online(self.name)
@@ -83,8 +78,6 @@ class DataSource:
         """The pre-tokenised index (vocab size, BOS/EOS ids) for kind ``tokens``, else None."""
         if self.kind != "tokens":
             return None
-        from .pretokenize import read_index
-
         return read_index(os.path.dirname(self.shards[0]))
 
 
@@ -95,7 +88,7 @@ def offline_requested() -> bool:
 def require_online(name: str) -> None:
     """Fail at once (not after a 20 s network timeout) when a hub source is used in offline mode."""
     if offline_requested():
-        raise DataSourceError(
+        raise DataArgumentError(
             f"--data {name} streams C4 from the Hugging Face hub, but offline mode is on "
             f"({', '.join(v for v in OFFLINE_VARIABLES if os.environ.get(v))} set). Use local shards instead: "
             f"{LOCAL_C4_HINT}. For a quick try without any download: make demo-data, then --data data/demo."
@@ -111,7 +104,7 @@ def resolve_source(data: str, split: Split = "train", strict: bool = False) -> D
     """
     data = data.strip()
     if not data:
-        raise DataSourceError("--data is empty; pass c4, a directory of C4 shards, or json/json.gz/jsonl/txt files")
+        raise DataArgumentError("--data is empty; pass c4, a directory of C4 shards, or json/json.gz/jsonl/txt files")
     if data.lower() in HUB_ALIASES:
         require_online(data)
         count = C4_HUB_SHARDS[split]
@@ -138,14 +131,14 @@ def validation_source(data: str, val_data: str | None = None, strict: bool = Fal
     train = _resolve_files(data, strict)
     derived = [_train_to_validation_name(path) for path in train.shards]
     if None in derived:
-        raise DataSourceError(
+        raise DataArgumentError(
             f"cannot derive a validation split from --data {data} (only c4-train.* files have a c4-validation "
             f"counterpart); pass the validation files with --val-data"
         )
     pattern = sorted({os.path.join(os.path.dirname(p), "c4-validation.*") for p in derived})
     found = sorted({hit for p in pattern for hit in glob.glob(p) if hit.endswith(JSON_SUFFIXES)})
     if not found:
-        raise DataSourceError(
+        raise DataArgumentError(
             f"--data {data} names C4 training shards but no c4-validation.* shard lies next to them "
             f"(looked for {', '.join(pattern)}); pass the validation files with --val-data"
         )
@@ -162,13 +155,11 @@ def _train_to_validation_name(path: str) -> str | None:
 def _resolve_directory(directory: str, split: Split, strict: bool) -> DataSource:
     index = os.path.join(directory, split, "index.json")
     if os.path.isfile(index):
-        from .pretokenize import read_index
-
         meta = read_index(os.path.dirname(index))
         shards = tuple(os.path.join(directory, split, shard.get("tokens", "")) for shard in meta["shards"])
         missing = [path for path in shards if not os.path.isfile(path)]
         if missing:
-            raise DataSourceError(f"{index} lists {len(missing)} shard file(s) that do not exist (first: "
+            raise DataArgumentError(f"{index} lists {len(missing)} shard file(s) that do not exist (first: "
                                   f"{missing[0]}); copy the whole directory, or pre-tokenise again")
         return DataSource(f"{directory} ({split}, pre-tokenised)", "tokens", shards, strict)
     candidates = sorted(glob.glob(os.path.join(directory, f"c4-{split}.*")))
@@ -178,7 +169,7 @@ def _resolve_directory(directory: str, split: Split, strict: bool) -> DataSource
         fix = ("pass the validation files with --val-data" if split == "validation" else
                f"name the files explicitly (--data '{directory}/*.json.gz'), rename them "
                f"c4-train.NNNNN-of-NNNNN.json.gz, or run make demo-data for a demo corpus")
-        raise DataSourceError(
+        raise DataArgumentError(
             f"directory {directory} has no c4-{split}.* shards (*.json, *.json.gz, *.jsonl) and no "
             f"{split}/index.json (found: {', '.join(present) or 'nothing'}); {fix}"
         )
@@ -192,29 +183,29 @@ def _resolve_files(data: str, strict: bool) -> DataSource:
         if glob.has_magic(part):
             hits = sorted(glob.glob(part, recursive=True))
             if not hits:
-                raise DataSourceError(f"--data pattern {part} matches no file; check the path and the quoting")
+                raise DataArgumentError(f"--data pattern {part} matches no file; check the path and the quoting")
             paths.extend(hits)
         elif os.path.exists(part):
             paths.append(part)
         else:
-            raise DataSourceError(
+            raise DataArgumentError(
                 f"--data {part}: no such file or directory (and not 'c4'); give an existing path or a glob"
             )
     kinds = {_file_kind(path) for path in paths}
     if len(kinds) > 1:
-        raise DataSourceError(f"--data {data} mixes JSON and text files; use one kind per source")
+        raise DataArgumentError(f"--data {data} mixes JSON and text files; use one kind per source")
     _check_not_empty(paths)
     return DataSource(data, kinds.pop(), tuple(paths), strict)
 
 
 def _file_kind(path: str) -> Literal["json", "text"]:
     if os.path.isdir(path):
-        raise DataSourceError(f"{path} is a directory inside a file list; pass it alone as --data {path}")
+        raise DataArgumentError(f"{path} is a directory inside a file list; pass it alone as --data {path}")
     if path.endswith(JSON_SUFFIXES):
         return "json"
     if path.endswith(TEXT_SUFFIXES):
         return "text"
-    raise DataSourceError(
+    raise DataArgumentError(
         f"{path}: unsupported file type; use *.json, *.json.gz, *.jsonl (one JSON object with a 'text' field "
         f"per line, C4 format) or *.txt"
     )
@@ -225,14 +216,14 @@ def _check_not_empty(paths: list[str]) -> None:
     or are not gzip at all (a truncated end can only be found by reading the whole file: see readers)."""
     for path in paths:
         if os.path.getsize(path) == 0:
-            raise DataSourceError(f"{path} is empty (0 bytes); remove it from --data or regenerate it")
+            raise DataArgumentError(f"{path} is empty (0 bytes); remove it from --data or regenerate it")
         if path.endswith(".gz"):
             try:
                 with gzip.open(path, "rb") as handle:
                     empty = not handle.read(1)
             except (OSError, EOFError, zlib.error) as error:
-                raise DataSourceError(f"{path} is not a readable gzip file ({error}); download or generate it "
+                raise DataArgumentError(f"{path} is not a readable gzip file ({error}); download or generate it "
                                       f"again, or remove it from --data") from error
             if empty:
-                raise DataSourceError(f"{path} holds no data once decompressed; remove it from --data or "
+                raise DataArgumentError(f"{path} holds no data once decompressed; remove it from --data or "
                                       f"regenerate it")

@@ -20,9 +20,9 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ds_orthoadam.cli_errors import integer_at_least, report_error
-from .outputs import ensure_output_dir
-from .errors import DataError, TokenizerError
+from ds_orthoadam.cli import ensure_output_dir, integer_at_least, run_main
+from .errors import TokenizerError
+from .sources import resolve_source
 
 SPM_OPTIONS = dict(
     model_type="bpe",
@@ -155,17 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-docs", type=integer_at_least(1), default=200_000,
                         help="documents read from the source")
     args = parser.parse_args(argv)
-    from .sources import resolve_source
+    return run_main(lambda: _train_from_source(args))
 
-    try:
-        source = resolve_source(args.data, "train")
-        if source.kind == "tokens":
-            raise TokenizerError(f"{args.data} is already tokenised; train the tokenizer on its text source")
-        tokenizer = train_tokenizer(source.documents(args.sample_docs), args.out, args.vocab_size)
-    except DataError as error:
-        return report_error(error)
-    print(f"saved a {len(tokenizer)}-token BPE tokenizer to {args.out}")
-    return 0
+
+def _train_from_source(args: argparse.Namespace) -> str:
+    source = resolve_source(args.data, "train")
+    if source.kind == "tokens":
+        raise TokenizerError(f"{args.data} is already tokenised; train the tokenizer on its text source")
+    tokenizer = train_tokenizer(source.documents(args.sample_docs), args.out, args.vocab_size)
+    return f"saved a {len(tokenizer)}-token BPE tokenizer to {args.out}"
 
 
 if __name__ == "__main__":

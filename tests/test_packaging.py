@@ -1,0 +1,70 @@
+"""A non-editable install has the default DeepSpeed configs: the wheel built from setup.py ships ``ds_configs/``
+as ``ds_orthoadam.ds_configs``, and the package installed from it resolves every model's default config from
+outside the repository, with the repository's content.
+
+The wheel is built without network (``--no-build-isolation``: the venv's setuptools) and installed the way pip
+does for a pure-Python wheel, by unpacking it; the package then imported from there, not from the repository,
+uses the venv's own dependencies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+RESOLVE_EVERY_DEFAULT_CONFIG = """
+import json, sys
+import ds_orthoadam
+from ds_orthoadam import run_config
+from ds_orthoadam.models import MODEL_SPECS
+paths = {name: str(run_config.default_ds_config_path(name)) for name in MODEL_SPECS}
+paths["variant orthoadam"] = str(run_config.variant_path("orthoadam"))
+configs = {name: run_config.read_json(path) for name, path in paths.items()}
+print(json.dumps({"package": ds_orthoadam.__file__, "paths": paths, "configs": configs}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel of a copy of the sources (setuptools leaves build/ behind, which must not go stale in the repo)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("ds_orthoadam", "ds_configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--quiet", "-w", str(out), str(source)], check=True, capture_output=True, text=True)
+    (built,) = out.glob("ds_orthoadam-*.whl")
+    return built
+
+
+def test_the_wheel_holds_every_config_of_the_repository(wheel):
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("ds_orthoadam/ds_configs/")}
+    in_repo = {f"ds_orthoadam/ds_configs/{path.relative_to(REPO / 'ds_configs').as_posix()}"
+               for path in (REPO / "ds_configs").rglob("*.json")}
+    assert in_repo and in_repo <= shipped
+
+
+def test_an_installed_wheel_resolves_every_default_config_outside_the_repository(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, "-c", RESOLVE_EVERY_DEFAULT_CONFIG], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert Path(found["package"]).is_relative_to(site)
+    for name, path in found["paths"].items():
+        assert Path(path).is_relative_to(site / "ds_orthoadam" / "ds_configs"), name
+        repo_file = REPO / "ds_configs" / Path(path).relative_to(site / "ds_orthoadam" / "ds_configs")
+        assert found["configs"][name] == json.loads(repo_file.read_text(encoding="utf-8")), name
