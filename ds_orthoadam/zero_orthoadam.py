@@ -261,9 +261,13 @@ class RotatedFrame:
         return found
 
     def summary(self, most: int = 4) -> str:
-        """One line for the training log: the rotation settings and the axes left unrotated (the first ``most``)."""
+        """One line for the training log: the rotation settings, how well each axis length mixes
+        (:func:`rotations.mixing_by_axis_length`) and the axes left unrotated (the first ``most``)."""
         spec = self.spec
+        mixing = ", ".join(f"{size}: {figure:.2f}"
+                           for size, figure in rotations.mixing_by_axis_length(self.rotations.values()).items())
         line = (f"OrthoAdam rotations: {spec.rotation}, seed {spec.seed}, scheme version {spec.version}, "
+                f"mixing n*sum(q^4) by axis length (Haar ~3, unmixed = n) {mixing or 'none'}, "
                 f"{self.nbytes / 2**20:.2f} MiB per rank")
         unrotated = self.unrotated_axes()
         if not unrotated:

@@ -16,12 +16,15 @@ from ds_orthoadam.rotations import (
     RotationVersionError,
     ScratchBuffers,
     _hadamard_along_axis,
+    axis_mixing,
     haar_orthogonal,
     make_rotation,
+    mixing_by_axis_length,
     normalised_hadamard,
     odd_windows_block,
     rotation_nbytes,
 )
+from ds_orthoadam.zero_orthoadam import RotatedFrame, RotationSpec
 
 SHAPES = [(), (1,), (2,), (7,), (16,), (12,), (5, 6), (8, 4), (1, 9), (3, 4, 5), (2, 3, 1, 2), (263,), (2, 263)]
 # "dense-fallback": dense kind with a tiny max_dense_dim, so long axes take the structured transform;
@@ -296,3 +299,62 @@ def test_scratch_buffers_are_kept_and_grown_on_the_cpu_only():
     assert scratch.nbytes == 2 * 30 * 4
     assert scratch.holds(grown[1][5:20].view(3, 5)) and not scratch.holds(first[0]) and not scratch.holds(
         torch.zeros(30))
+
+
+def _direct_mixing(rotation, n: int) -> float:
+    """n * mean over columns of sum_i Q_ij^4, from the dense matrix of a length-n rotation built column by column."""
+    q = full_matrix(rotation, (n,))
+    return n * float(q.pow(4).sum(dim=0).mean())
+
+
+@pytest.mark.parametrize("n,kind,max_dense_dim,long_axis", [
+    (96, "hadamard", 4096, "hadamard"),  # 3 * 2^5: an odd windows block, a Haar block, Hadamard blocks
+    (344, "hadamard", 4096, "hadamard"),  # 43 * 2^3
+    (75, "hadamard", 4096, "hadamard"),  # 25 * 3: odd blocks only
+    (60, "dense", 4096, "hadamard"),  # a Haar matrix
+    (90, "dense", 8, "hadamard"),  # a long axis of the dense kind: the structured transform
+    (50, "dense", 8, "identity"),  # unrotated: no mixing at all, n
+])
+def test_axis_mixing_of_kronecker_axes_equals_the_direct_computation(n, kind, max_dense_dim, long_axis):
+    rotation = make_rotation((n,), kind, seed=3, key="w", max_dense_dim=max_dense_dim, dtype=torch.float64,
+                             long_axis=long_axis)
+    [axis] = rotation.axes
+    assert axis_mixing(axis) == pytest.approx(_direct_mixing(rotation, n), rel=1e-9)
+    if long_axis == "identity":
+        assert axis_mixing(axis) == n
+
+
+@pytest.mark.parametrize("n", [263])  # a prime factor above 256: overlapping windows and a permutation
+def test_axis_mixing_of_window_axes_is_a_sampled_estimate_and_exact_with_every_column(n):
+    rotation = make_rotation((n,), "hadamard", seed=3, key="w", dtype=torch.float64)
+    [axis] = rotation.axes
+    direct = _direct_mixing(rotation, n)
+    assert axis.windows is not None
+    assert axis_mixing(axis, sampled_columns=n) == pytest.approx(direct, rel=1e-9)
+    assert axis_mixing(axis) == pytest.approx(direct, rel=0.1)  # 64 sampled columns
+
+
+def test_mixing_of_a_matrix_rotation_is_the_product_of_its_axes_and_haar_is_about_3():
+    rotation = make_rotation((24, 20), "dense", seed=1, key="w", dtype=torch.float64)
+    q = full_matrix(rotation, (24, 20))
+    out_axis, in_axis = rotation.axes
+    assert axis_mixing(out_axis) * axis_mixing(in_axis) == pytest.approx(float(q.pow(4).sum()), rel=1e-9)
+    haar = [axis_mixing(make_rotation((256,), "dense", seed=0, key=f"p{i}").axes[0]) for i in range(8)]
+    assert sum(haar) / len(haar) == pytest.approx(3 * 256 / 258, abs=0.05)  # E sum q^4 = 3 / (n + 2) per column
+
+
+def test_mixing_by_axis_length_averages_rotated_axes_and_the_frame_summary_prints_it():
+    shapes = {"a.weight": (96, 64), "b.weight": (64, 96), "c.weight": (96,), "embed.weight": (300, 64)}
+    params = [(name, torch.nn.Parameter(torch.zeros(shape))) for name, shape in shapes.items()]
+    spec = RotationSpec("hadamard", max_rotated_dim=200)  # 300 is left unrotated and has no figure
+    frame = RotatedFrame(params, spec)
+    by_length = mixing_by_axis_length(frame.rotations.values())
+    assert list(by_length) == [64, 96]
+    rows = {name: frame.rotations[name].axes for name in shapes}
+    expected_96 = [axis_mixing(rows["a.weight"][0]), axis_mixing(rows["b.weight"][1]), axis_mixing(rows["c.weight"][0])]
+    assert by_length[96] == pytest.approx(sum(expected_96) / 3)
+    assert len({round(value, 12) for value in expected_96}) == 3  # each parameter's own random blocks
+    summary = frame.summary()
+    assert f"mixing n*sum(q^4) by axis length (Haar ~3, unmixed = n) 64: {by_length[64]:.2f}, " \
+           f"96: {by_length[96]:.2f}, " in summary
+    assert summary.endswith("embed.weight dim 0 (300)")
