@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import sys
 from itertools import islice
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -39,24 +40,54 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> str:
     return requested
 
 
+def write_token_shard(out_dir: str, name: str, documents: Iterable[np.ndarray], dtype: str) -> dict:
+    """Write ``documents`` (1-D arrays of token ids, no BOS/EOS) as shard ``name`` of ``out_dir``; returns its index
+    entry. Ids that do not fit ``dtype`` are refused rather than wrapped around."""
+    limit = np.iinfo(DTYPES[dtype]).max
+    offsets = [0]
+    with open(os.path.join(out_dir, name + ".bin"), "wb") as handle:
+        for ids in documents:
+            array = np.asarray(ids, dtype=np.int64)
+            if array.size and (array.max() > limit or array.min() < 0):
+                raise TokenizerError(f"token id {array.max() if array.max() > limit else array.min()} does not fit "
+                                     f"{dtype}; use --dtype uint32")
+            handle.write(array.astype(DTYPES[dtype]).tobytes())
+            offsets.append(offsets[-1] + len(array))
+    np.save(os.path.join(out_dir, name + ".offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    return {"tokens": name + ".bin", "offsets": name + ".offsets.npy", "documents": len(offsets) - 1,
+            "num_tokens": offsets[-1]}
+
+
+def write_index(out_dir: str, shards: list[dict], *, dtype: str, tokenizer_path: str, vocab_size: int, bos_id: int,
+                eos_id: int, source: str) -> dict:
+    """Write the split's index last and atomically: an index only ever describes a complete set of shards."""
+    index = {"format": INDEX_FORMAT, "dtype": dtype, "tokenizer": os.path.abspath(tokenizer_path),
+             "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id, "source": source, "shards": shards}
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    with open(index_path + ".tmp", "w") as handle:
+        json.dump(index, handle, indent=1)
+    os.replace(index_path + ".tmp", index_path)
+    return index
+
+
+def remove_index(out_dir: str) -> None:
+    """Drop a split's index before its shards are rewritten, so an interrupted rewrite leaves no index."""
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    if os.path.exists(index_path):
+        os.remove(index_path)
+
+
+def _encoded(source: DataSource, shard: int, tokenizer, max_docs: int | None) -> Iterator[list[int]]:
+    documents = islice(source.open_shard(shard), max_docs)
+    while texts := list(islice(documents, ENCODE_BATCH)):
+        yield from encode_documents(tokenizer, texts)
+
+
 def _write_shard(task: tuple[DataSource, int, str, str, str, int | None]) -> dict:
     source, shard, tokenizer_path, out_dir, dtype, max_docs = task
     tokenizer = load_tokenizer(tokenizer_path)
-    name = f"shard-{shard:05d}"
-    limit = np.iinfo(DTYPES[dtype]).max
-    offsets = [0]
-    documents = islice(source.open_shard(shard), max_docs)
-    with open(os.path.join(out_dir, name + ".bin"), "wb") as handle:
-        while texts := list(islice(documents, ENCODE_BATCH)):
-            for ids in encode_documents(tokenizer, texts):
-                array = np.asarray(ids, dtype=np.int64)
-                if array.size and array.max() > limit:
-                    raise TokenizerError(f"token id {array.max()} does not fit {dtype}; use --dtype uint32")
-                handle.write(array.astype(DTYPES[dtype]).tobytes())
-                offsets.append(offsets[-1] + len(array))
-    np.save(os.path.join(out_dir, name + ".offsets.npy"), np.asarray(offsets, dtype=np.int64))
-    return {"tokens": name + ".bin", "offsets": name + ".offsets.npy", "source": source.shards[shard],
-            "documents": len(offsets) - 1, "num_tokens": offsets[-1]}
+    entry = write_token_shard(out_dir, f"shard-{shard:05d}", _encoded(source, shard, tokenizer, max_docs), dtype)
+    return entry | {"source": source.shards[shard]}
 
 
 def _check_counts(workers: int, max_shards: int | None) -> None:
@@ -76,9 +107,7 @@ def pretokenize(source: DataSource, tokenizer_path: str, out_dir: str, dtype: st
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = choose_dtype(len(tokenizer), dtype)
     ensure_output_dir(out_dir)
-    index_path = os.path.join(out_dir, INDEX_FILE)
-    if os.path.exists(index_path):
-        os.remove(index_path)  # an index only ever describes a complete set of shards
+    remove_index(out_dir)
     tasks = [(source, shard, tokenizer_path, out_dir, dtype, max_docs_per_shard)
              for shard in range(source.num_shards if max_shards is None else min(source.num_shards, max_shards))]
     if workers > 1:
@@ -86,13 +115,8 @@ def pretokenize(source: DataSource, tokenizer_path: str, out_dir: str, dtype: st
             shards = pool.map(_write_shard, tasks, chunksize=1)
     else:
         shards = [_write_shard(task) for task in tasks]
-    index = {"format": INDEX_FORMAT, "dtype": dtype, "tokenizer": os.path.abspath(tokenizer_path),
-             "vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
-             "source": source.name, "shards": shards}
-    with open(index_path + ".tmp", "w") as handle:
-        json.dump(index, handle, indent=1)
-    os.replace(index_path + ".tmp", index_path)
-    return index
+    return write_index(out_dir, shards, dtype=dtype, tokenizer_path=tokenizer_path, vocab_size=len(tokenizer),
+                       bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, source=source.name)
 
 
 def main(argv: list[str] | None = None) -> int:
