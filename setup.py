@@ -31,7 +31,7 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
     ],
-    extras_require={"dev": ["pytest>=8", "scipy>=1.11"]},
+    extras_require={"dev": ["pytest>=8", "scipy>=1.11", "ruff==0.16.9"]},  # ruff: `make lint` (pyproject.toml)
     entry_points={"console_scripts": [
         "ds-orthoadam-demo-data=ds_orthoadam.data.demo_corpus:main",
         "ds-orthoadam-tokenizer=ds_orthoadam.data.tokenizer:main",

@@ -9,10 +9,10 @@ from ds_orthoadam.ds_logging import drop_deepspeed_noise
 
 drop_deepspeed_noise()  # before the imports below import DeepSpeed, which logs while being imported
 
-from ds_orthoadam.attention import register_softmax1, softmax1
-from ds_orthoadam.models import MODEL_SPECS, build_config, build_model, register_model_classes
-from ds_orthoadam.orthoadam import OrthoAdam
-from ds_orthoadam.zero_orthoadam import initialize
+from ds_orthoadam.attention import register_softmax1, softmax1  # noqa: E402  (after drop_deepspeed_noise, above)
+from ds_orthoadam.models import MODEL_SPECS, build_config, build_model, register_model_classes  # noqa: E402
+from ds_orthoadam.orthoadam import OrthoAdam  # noqa: E402
+from ds_orthoadam.zero_orthoadam import initialize  # noqa: E402
 
 register_softmax1()
 register_model_classes()

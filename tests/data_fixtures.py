@@ -1,12 +1,11 @@
-"""Offline fixtures for the data tests: a small generated English-like corpus, C4-format shards, a tokenizer."""
+"""Offline data for the tests: generated English-like documents and C4-format shards of them (the session fixtures
+built from these, ``corpus``, ``tokenizer_dir`` and ``tokenizer``, are in conftest.py)."""
 from __future__ import annotations
 
 import gzip
 import json
 import os
 import random
-
-import pytest
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there been one all we their has would when if so no what up out said about into "
@@ -44,29 +43,3 @@ def write_c4_directory(directory: str, train: list[list[str]], validation: list[
         write_json_shard(os.path.join(directory, f"c4-train.{index:05d}-of-{len(train):05d}.json.gz"), texts)
     write_json_shard(os.path.join(directory, "c4-validation.00000-of-00001.json.gz"), validation)
     return directory
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> dict:
-    """Three train shards (40 documents each) and one validation shard (30 documents)."""
-    documents = make_documents(150)
-    train = [documents[0:40], documents[40:80], documents[80:120]]
-    directory = write_c4_directory(str(tmp_path_factory.mktemp("c4")), train, documents[120:150])
-    return {"dir": directory, "train": train, "validation": documents[120:150]}
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, corpus) -> str:
-    from ds_orthoadam.data.tokenizer import train_tokenizer
-
-    out = str(tmp_path_factory.mktemp("tokenizer"))
-    train_tokenizer([doc for shard in corpus["train"] for doc in shard] + make_documents(300, seed=1), out,
-                    vocab_size=600)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tokenizer_dir):
-    from ds_orthoadam.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(tokenizer_dir)

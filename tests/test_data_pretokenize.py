@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
 from ds_orthoadam.data.errors import DataSourceError, TokenizerError
 from ds_orthoadam.data.pretokenize import choose_dtype, main
 from ds_orthoadam.data.token_shards import read_index

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from data_fixtures import corpus, make_documents, write_json_shard  # noqa: F401
+from data_fixtures import make_documents, write_json_shard
 from ds_orthoadam.data.errors import DataSourceError
 from ds_orthoadam.data.sources import resolve_source, validation_source
 

@@ -4,7 +4,7 @@ from itertools import islice
 import pytest
 import torch
 
-from data_fixtures import corpus, make_documents, tokenizer, tokenizer_dir, write_json_shard  # noqa: F401
+from data_fixtures import make_documents, write_json_shard
 from ds_orthoadam.data.errors import DataSourceError
 from ds_orthoadam.data.sources import DataSource, resolve_source
 from ds_orthoadam.data.stream import TrainStream

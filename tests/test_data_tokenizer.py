@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from data_fixtures import corpus, make_documents, tokenizer, tokenizer_dir  # noqa: F401
+from data_fixtures import make_documents
 from ds_orthoadam.data.errors import TokenizerError
 from ds_orthoadam.data.tokenizer import check_vocab_fits, encode_documents, load_tokenizer, main
 

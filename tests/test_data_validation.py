@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
 from ds_orthoadam.data.errors import DataSourceError
 from ds_orthoadam.data.tokenizer import encode_documents
 from ds_orthoadam.data.validation import validation_batches

@@ -3,11 +3,9 @@
 The checkpoint reader is replaced by a model's own state dict, so these run in seconds without a training run (the
 real export of a trained checkpoint is covered by test_train_e2e)."""
 import json
-import os
 
 import pytest
 
-from data_fixtures import corpus, tokenizer, tokenizer_dir  # noqa: F401
 from ds_orthoadam import export
 from ds_orthoadam.errors import OutputPathError
 from ds_orthoadam.models import build_config, build_model

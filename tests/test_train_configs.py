@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ds_orthoadam import run_config
 from ds_orthoadam.checkpointing import COMPLETE_MARKER, CheckpointError, CheckpointManager

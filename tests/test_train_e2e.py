@@ -26,6 +26,8 @@ from ds_orthoadam.ds_logging import NOISE
 from ds_orthoadam.models import build_model
 from ds_orthoadam.telemetry import MFU_TAG, TRAIN_TAGS, VALIDATION_TAGS
 
+pytestmark = pytest.mark.e2e  # this module's runs go through the deepspeed launcher on 2 ranks (see pyproject.toml)
+
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 SEQ_LEN = 32

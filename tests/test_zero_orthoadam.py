@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import ds_orthoadam
+from ds_orthoadam.distributed import free_port
 from ds_orthoadam.zero_orthoadam import (ROTATION_STATE_KEY, DeepSpeedConfigError, RotationMismatchError,
                                          export_fp32_state_dict, resolve_config)
 from ds_orthoadam.orthoadam import OrthoAdam
@@ -46,17 +46,11 @@ TRAIN_CASES = [
 RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out_dir: Path, cases: list[str]) -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR), str(TESTS_DIR / "fp16_on_cpu")])}
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(_free_port()), str(TESTS_DIR / "zero_worker.py"), "--out", str(out_dir), "--cases", *cases]
+               str(free_port()), str(TESTS_DIR / "zero_worker.py"), "--out", str(out_dir), "--cases", *cases]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
@@ -78,6 +72,7 @@ def references() -> dict[str, dict]:
     return {family: reference_run(family) for family in ("llama", "gpt2")}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam:save10", "llama:0:fp32:OrthoAdam",
                                   "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam", "llama:1:fp32:OrthoAdam:overlap"])
 def test_fp32_equals_single_process_orthoadam(runs, references, case):
@@ -88,12 +83,14 @@ def test_fp32_equals_single_process_orthoadam(runs, references, case):
     assert max_abs_diff(runs[case]["final"], reference) <= FP32_TOL
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_adamw_negative_control_differs_far_more(runs, references, family):
     reference, _ = references[family]
     assert max_abs_diff(runs[f"{family}:1:fp32:AdamW"]["final"], reference) > 100 * FP32_TOL
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 0), ("fp16", 0), ("fp16", 1), ("fp16", 2)])
 def test_low_precision_error_is_deepspeeds_own_and_control_differs(runs, references, precision, stage):
     reference, _ = references["llama"]
@@ -109,6 +106,7 @@ def test_low_precision_error_is_deepspeeds_own_and_control_differs(runs, referen
         assert orthoadam["loss_scale_per_step"] == [2.0 ** FP16["initial_scale_power"]] * STEPS
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, once_per_step", [
     ("llama:1:fp32:OrthoAdam:save10", True), ("gpt2:1:fp32:OrthoAdam:save10", True), ("llama:0:fp32:OrthoAdam", True),
     ("llama:1:bf16:OrthoAdam", True), ("llama:0:bf16:OrthoAdam", True),
@@ -130,6 +128,7 @@ def test_gradients_rotated_once_per_step_where_deepspeed_reduces_only_at_the_bou
     assert facts["rotate_calls_per_step"] == [gradient_rotations + into_phi] * STEPS
 
 
+@pytest.mark.e2e
 def test_bf16_fp32_accumulation_per_micro_batch_rotation_is_within_deepspeeds_error(runs, references):
     """bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, per-micro-batch rotation)."""
     reference, _ = references["llama"]
@@ -140,6 +139,7 @@ def test_bf16_fp32_accumulation_per_micro_batch_rotation_is_within_deepspeeds_er
     assert error <= LOW_PRECISION_ERROR_FACTOR * deepspeed_bf16_error
 
 
+@pytest.mark.e2e
 def test_zero1_shards_moments_and_reports_rotation_memory(runs):
     facts = runs["llama:1:fp32:OrthoAdam:save10"]
     unsharded = 2 * 4 * facts["param_numel"]  # exp_avg + exp_avg_sq in fp32
@@ -148,6 +148,7 @@ def test_zero1_shards_moments_and_reports_rotation_memory(runs):
     assert facts["rotation_nbytes"] > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs, references, precision):
     """An inf loss on one rank at step 7: DeepSpeed skips the step on every rank (with fp16 its dynamic loss scaler
@@ -177,6 +178,7 @@ def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs, refe
     assert relative_update_error(facts["final"], with_step_7, initial) > 10 * error
 
 
+@pytest.mark.e2e
 def test_resume_in_new_process_is_bit_identical(runs):
     resumed, uninterrupted = runs["llama:1:fp32:OrthoAdam:resume10"], runs["llama:1:fp32:OrthoAdam:save10"]
     assert resumed["client_state"]["next_step"] == 10
@@ -185,6 +187,7 @@ def test_resume_in_new_process_is_bit_identical(runs):
     assert all(torch.equal(resumed["final"][k], uninterrupted["final"][k]) for k in uninterrupted["final"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: tied embeddings appear under two names
 def test_export_gives_real_weights_not_rotated_frame(runs, family):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
