@@ -37,7 +37,8 @@ test-fast: setup
 TOKENIZER_DATA  ?= data/demo
 TOKENIZER_OUT   ?= data/demo/tokenizer
 TOKENIZER_VOCAB ?= 8192
-HUB_DATA        := c4 allenai/c4 c4/en allenai/c4/en
+# The hub's names for C4, for which the tokenizer runs online: read from their one place, data/sources.py
+HUB_DATA        := $(shell sed -n 's/^HUB_ALIASES = (\(.*\))$$/\1/p' ds_orthoadam/data/sources.py | tr -d '",')
 .PHONY: demo-data tokenizer
 demo-data: setup
 	$(PY) -m ds_orthoadam.data.demo_corpus --out data/demo

@@ -9,6 +9,7 @@ import sentencepiece as spm
 
 from data_fixtures import make_documents
 from ds_orthoadam.data.errors import TokenizerError
+from ds_orthoadam.data.sources import HUB_ALIASES
 from ds_orthoadam.data.tokenizer import check_vocab_fits, encode_documents, load_tokenizer, main
 
 TRICKY = ["Hello world", "  two  spaces\tand a tab\n new line", "digits 12345 and 3.14159", "ünïcödé 日本語 🙂",
@@ -60,18 +61,30 @@ def test_directory_without_tokenizer_files_is_refused(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-@pytest.mark.parametrize("data,offline,builds_demo_corpus", [
-    ("data/demo", True, True), ("c4", False, False), ("/data/c4/en", True, False)])
-def test_make_tokenizer_runs_online_only_for_the_hub(data, offline, builds_demo_corpus):
-    """The README's `make tokenizer TOKENIZER_DATA=c4 ...` must not run in offline mode (the hub source refuses it)."""
+def _make_tokenizer_dry_run(data: str) -> tuple[str, str]:
+    """What `make tokenizer TOKENIZER_DATA=<data>` would run (make -n): all of it, and the tokenizer's command line."""
     repo = Path(__file__).resolve().parent.parent
     venv = Path(sys.executable).parent.parent
     dry_run = subprocess.run(["make", "--no-print-directory", "-n", "-o", f"{venv}/.installed", "tokenizer",
                               f"VENV={venv}", f"TOKENIZER_DATA={data}"], cwd=repo, capture_output=True, text=True,
                              check=True).stdout
-    command = next(line for line in dry_run.splitlines() if "ds_orthoadam.data.tokenizer" in line)
+    return dry_run, next(line for line in dry_run.splitlines() if "ds_orthoadam.data.tokenizer" in line)
+
+
+@pytest.mark.parametrize("data,offline,builds_demo_corpus", [
+    ("data/demo", True, True), ("c4", False, False), ("/data/c4/en", True, False)])
+def test_make_tokenizer_runs_online_only_for_the_hub(data, offline, builds_demo_corpus):
+    """The README's `make tokenizer TOKENIZER_DATA=c4 ...` must not run in offline mode (the hub source refuses it)."""
+    dry_run, command = _make_tokenizer_dry_run(data)
     assert ("HF_HUB_OFFLINE=1" in command) == offline
     assert ("ds_orthoadam.data.demo_corpus" in dry_run) == builds_demo_corpus
+
+
+@pytest.mark.parametrize("alias", HUB_ALIASES)
+def test_make_tokenizer_runs_online_for_every_name_the_data_package_streams_from_the_hub(alias):
+    """The Makefile reads the hub's names from data/sources.py: each of them, and no other, runs online."""
+    assert "HF_HUB_OFFLINE=1" not in _make_tokenizer_dry_run(alias)[1]
+    assert "HF_HUB_OFFLINE=1" in _make_tokenizer_dry_run(f"{alias}-local")[1]
 
 
 def test_cli_refuses_a_file_as_out(corpus, tmp_path, capsys):
