@@ -53,18 +53,36 @@ def test_the_wheel_holds_every_config_of_the_repository(wheel):
     assert in_repo and in_repo <= shipped
 
 
+def _check_every_default_config_resolves_from(package_root: Path, config_dir: Path, cwd: Path, prelude: str = ""):
+    """Run RESOLVE_EVERY_DEFAULT_CONFIG (after ``prelude``) with ``package_root`` on the path, in ``cwd``: the package
+    must be imported from there and every default config read from ``config_dir``, equal to the repository's file."""
+    env = {**os.environ, "PYTHONPATH": str(package_root), "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, "-c", prelude + RESOLVE_EVERY_DEFAULT_CONFIG], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert Path(found["package"]).is_relative_to(package_root)
+    for name, path in found["paths"].items():
+        assert Path(path).is_relative_to(config_dir), name
+        repo_file = REPO / "ds_configs" / Path(path).relative_to(config_dir)
+        assert found["configs"][name] == json.loads(repo_file.read_text(encoding="utf-8")), name
+
+
 def test_an_installed_wheel_resolves_every_default_config_outside_the_repository(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([sys.executable, "-c", RESOLVE_EVERY_DEFAULT_CONFIG], cwd=workdir, env=env,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
-    assert Path(found["package"]).is_relative_to(site)
-    for name, path in found["paths"].items():
-        assert Path(path).is_relative_to(site / "ds_orthoadam" / "ds_configs"), name
-        repo_file = REPO / "ds_configs" / Path(path).relative_to(site / "ds_orthoadam" / "ds_configs")
-        assert found["configs"][name] == json.loads(repo_file.read_text(encoding="utf-8")), name
+    _check_every_default_config_resolves_from(site, site / "ds_orthoadam" / "ds_configs", workdir)
+
+
+def test_a_source_tree_without_an_install_reads_the_configs_next_to_the_package(tmp_path):
+    """``run_config``'s fallback: with no installed package data (``ds_orthoadam.ds_configs`` not importable), a copy
+    of the sources on ``sys.path`` resolves every default config from its own top-level ``ds_configs/``."""
+    source = tmp_path / "source"
+    for name in ("ds_orthoadam", "ds_configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # The venv's editable install maps ds_orthoadam.ds_configs onto the repository's folder: take its finder away.
+    without_install = ("import sys\nsys.meta_path[:] = [finder for finder in sys.meta_path\n"
+                       "                    if not getattr(finder, '__module__', '').startswith('__editable__')]\n")
+    _check_every_default_config_resolves_from(source, source / "ds_configs", tmp_path, prelude=without_install)

@@ -1,6 +1,6 @@
 """Streaming outlier statistics: first-token attention dominance, hidden-state kurtosis and max |activation|.
 
-Definitions (Kaul et al., ICLR 2025; see README "Analysing a checkpoint"):
+Definitions (Kaul et al., ICLR 2025; how to run the analysis and read its report: docs/analysis.md):
 
 * Hidden states X[m, l, d] are the outputs of block m (the residual stream), token l, channel d.
 * Kurtosis per token: kappa = E_d[(X - mu)^4] / (E_d[(X - mu)^2])^2 over the channels (Pearson; Gaussian = 3).
@@ -17,9 +17,9 @@ Definitions (Kaul et al., ICLR 2025; see README "Analysing a checkpoint"):
 * Chance level of the share (``first_token_share_chance``): the expected share if every visible key were equally
   likely to hold a row's largest weight (attention with no preference for any position, e.g. random logits, where
   ties have probability 0): query i (0-based, seeing keys 0..i) scores 1/(i+1), averaged over the measured queries.
-  For full rows of length T that is ``(H_T - 1) / (T - 1)`` (:func:`argmax_share_chance`, H_T the harmonic number):
-  3.49% at T = 128, 2.01% at T = 256. It is also the first-token mass of exactly uniform attention; exactly uniform
-  attention itself scores a share of 0, because a tie is not a largest weight.
+  For full rows of length T that is ``(H_T - 1) / (T - 1)`` (:func:`argmax_share_chance`, H_T the harmonic number;
+  its values at common lengths are in docs/analysis.md). It is also the first-token mass of exactly uniform
+  attention; exactly uniform attention itself scores a share of 0, because a tie is not a largest weight.
 * Sink rate (Gu et al., ICLR 2025, "When Attention Sink Emerges in Language Models"): per sequence and (layer, head),
   the mean attention weight on the first key over the sequence's real queries 1..len-1; a head is a sink when that
   mean exceeds ``sink_epsilon`` (default 0.3, Gu et al.'s). ``sink_rate`` is the share of (sequence, head) pairs
