@@ -32,8 +32,9 @@ import transformers
 import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows OrthoAdam
 from ds_orthoadam import ds_internals, run_config
 from ds_orthoadam.checkpointing import TAG_PATTERN, CheckpointError, CheckpointManager, rng_state, set_rng_state
-from ds_orthoadam.cli import EXIT_BAD_INPUT, integer_at_least, positive_number, report_error
-from ds_orthoadam.data import DataError, TrainStream, load_tokenizer, validation_batches, validation_source
+from ds_orthoadam.cli import EXIT_BAD_INPUT, integer_at_least, positive_number, report_error, run_main
+from ds_orthoadam.data import (DataError, TrainStream, load_tokenizer, resolve_source, validation_batches,
+                               validation_source)
 from ds_orthoadam.distributed import agree, process_rank, single_process_defaults
 from ds_orthoadam.errors import UserError, summary
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'none' (fresh run), 'auto' (newest complete checkpoint, if any) or a tag")
     output.add_argument("--export-dir", default=None, help="Hugging Face export directory (default: OUTPUT/hf)")
     output.add_argument("--no-export", action="store_true", help="skip the final Hugging Face export")
+    parser.add_argument("--check-only", action="store_true",
+                        help="check the arguments, the DeepSpeed config (for WORLD_SIZE ranks), --output-dir, the "
+                             "tokenizer and the data sources in this one process, then exit without training (the "
+                             "launch scripts run this before they start any rank)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return parser
 
@@ -190,6 +195,18 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ArgumentConflict(output_dir_message(output_dir, error)) from error
+
+
+def check_before_launch(args: argparse.Namespace, world_size: int) -> None:
+    """``--check-only``: what every rank would otherwise find alike, found once before any rank starts, so that a
+    bad argument or a missing file is one line in a second instead of an error after the launcher has started every
+    rank. The data is only located here (its shards exist), not read; a rank's own share is still checked by that
+    rank."""
+    compose_config(args, world_size)
+    prepare_output_dir(args.output_dir)
+    load_tokenizer(args.tokenizer)
+    resolve_source(args.data)
+    resolve_validation_source(args)
 
 
 def claim_output_dir(checkpoints: CheckpointManager, identity: dict, resume: str) -> str | None:
@@ -425,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     single_process_defaults()
     world_size = int(os.environ["WORLD_SIZE"])
+    if args.check_only:
+        return run_main(lambda: check_before_launch(args, world_size))
     try:
         ds_config = compose_config(args, world_size)
         prepare_output_dir(args.output_dir)

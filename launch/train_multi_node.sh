@@ -40,8 +40,15 @@ echo "propagating to all nodes via $DS_ENV_FILE: $(cut -d= -f1 "$DS_ENV_FILE" | 
 
 venv="${VENV:-$repo/.venv}"
 [[ "$venv" == /* ]] || venv="$PWD/$venv"  # remote nodes run the launcher by this path: make it absolute
-launcher="deepspeed"
-[[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed"
+launcher="deepspeed" python="python3"
+[[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed" python="$venv/bin/python"
+# What every rank would find alike (arguments, config, --output-dir, tokenizer, data) is checked once, here, before
+# any node is contacted, for the world of all the hostfile's slots; skipped where DS_LAUNCHER_ARGS picks fewer.
+slots=$(awk '!/^[[:space:]]*(#|$)/ { for (i = 1; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n += substr($i, 7) }
+             END { print n + 0 }' "$HOSTFILE")
+if [[ "$slots" -gt 0 && ! " ${DS_LAUNCHER_ARGS:-} " =~ \ --(include|exclude|num_nodes|num_gpus|num_accelerators) ]]; then
+    WORLD_SIZE="$slots" "$python" -m ds_orthoadam.train --check-only --model "$model" "$@"
+fi
 # DS_LAUNCHER_ARGS is unquoted on purpose: it holds several options.
 exec "$launcher" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" ${DS_LAUNCHER_ARGS:-} \
     --module ds_orthoadam.train --model "$model" "$@"

@@ -17,7 +17,10 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
 fi
 model="$1"; shift
 venv="${VENV:-$repo/.venv}"
-launcher="deepspeed"
-[[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed"
+launcher="deepspeed" python="python3"
+[[ -x "$venv/bin/deepspeed" ]] && launcher="$venv/bin/deepspeed" python="$venv/bin/python"
+# What every rank would find alike (arguments, config, --output-dir, tokenizer, data) is checked once, here, before
+# any rank starts: a bad input is one error line, not NUM_GPUS processes started to report it.
+WORLD_SIZE="${NUM_GPUS:-8}" "$python" -m ds_orthoadam.train --check-only --model "$model" "$@"
 exec "$launcher" --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" \
     --module ds_orthoadam.train --model "$model" "$@"

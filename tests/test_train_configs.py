@@ -175,6 +175,30 @@ def test_an_unusable_output_dir_is_a_one_line_error(where, tmp_path, capsys, mon
         "pass a directory that you can write to" in err and len(err.splitlines()) == 1, err
 
 
+def test_check_only_checks_the_shared_inputs_without_starting_a_process_group(corpus, tokenizer_dir, tmp_path,
+                                                                              capsys, monkeypatch):
+    """The launch scripts' pre-flight (--check-only): good inputs pass in this one process, with no process group,
+    and a bad one is the same one-line error the ranks would print."""
+    import torch.distributed as dist
+
+    good = ("--model", "llama-tiny", "--data", corpus["dir"], "--tokenizer", tokenizer_dir,
+            "--output-dir", str(tmp_path / "run"), "--check-only")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    from ds_orthoadam.train import main
+
+    assert main(list(good)) == 0 and not dist.is_initialized()
+    assert (tmp_path / "run").is_dir() and not any((tmp_path / "run").iterdir())
+    bad = {"--tokenizer": str(tmp_path / "no-tokenizer"), "--data": str(tmp_path / "no-data"),
+           "--val-data": str(tmp_path / "no-val")}
+    for option, value in bad.items():
+        capsys.readouterr()
+        assert main([*good, option, value]) == 2, option
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and value in err[0], (option, err)
+    assert main([*good, "--set", "train_batch_size=3"]) == 2  # batch arithmetic for WORLD_SIZE=2 ranks
+
+
 def test_resuming_past_the_last_step_is_refused():
     from ds_orthoadam.train import ArgumentConflict, check_resume_reaches
 

@@ -273,6 +273,24 @@ def test_a_missing_tokenizer_every_rank_hits_is_printed_once(corpus, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: ") and "no-tokenizer" in errors[0], output[-4000:]
 
 
+def test_the_launch_script_reports_a_missing_tokenizer_before_starting_any_rank(corpus, tmp_path):
+    """launch/train_single_node.sh (what make train-<model> runs) checks the shared inputs in one process first: the
+    error line comes once and the deepspeed launcher, which logs its WORLD INFO DICT when it starts ranks, never
+    runs."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "NUM_GPUS": "2", "MASTER_PORT": str(free_port()),
+           "VENV": str(Path(sys.executable).parent.parent)}
+    result = subprocess.run([str(REPO / "launch" / "train_single_node.sh"), "llama-tiny", "--data", corpus["train"],
+                             "--val-data", corpus["val"], "--tokenizer", str(tmp_path / "no-tokenizer"),
+                             "--output-dir", str(tmp_path / "run")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-4000:]
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "no-tokenizer" in errors[0], output[-4000:]
+    assert "WORLD INFO DICT" not in output and "Traceback" not in output, output[-4000:]
+
+
 def test_the_start_up_shows_no_deepspeed_noise(reference_run):
     log = (reference_run.parent / "reference.log").read_text()
     assert not [line for line in NOISE if line in log]
