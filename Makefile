@@ -75,9 +75,24 @@ TB_PORT ?= 6006
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(RUN_ROOT) --port $(TB_PORT) --bind_all
 
-## demo: 2-rank CPU pre-training of llama-tiny (softmax-1 + OrthoAdam) on the demo corpus, evaluation, export
-demo: setup demo-data tokenizer
-	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m ds_orthoadam.demo --output-dir $(RUN_ROOT)/demo
+## demo: the baseline and softmax-1 + OrthoAdam trained on the testbed (2 CPU ranks, ZeRO-1), analysed side by side
+demo: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m ds_orthoadam.demo --data $(TESTBED_DATA) --output-dir $(RUN_ROOT)/demo
+
+## testbed-data: generate the testbed's synthetic Bigram-Backcopy data into TESTBED_DATA (default data/testbed)
+TESTBED_DATA ?= data/testbed
+.PHONY: testbed-data reproduce
+testbed-data: setup
+	$(PY) -m ds_orthoadam.data.synthetic --out $(TESTBED_DATA)
+
+## reproduce: the paper's four variants on the testbed, their analysis, telemetry figure and acceptance check
+## (SEED=0, OUT=runs/reproduce; REPRODUCE_ARGS="--extra" adds dense-rotation and single-scale-norm rows); resumes
+SEED ?= 0
+OUT_REPRODUCE = $(or $(OUT),runs/reproduce)
+REPRODUCE_ARGS ?=
+reproduce: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m ds_orthoadam.reproduce --seed $(SEED) --out $(OUT_REPRODUCE) \
+		--data $(TESTBED_DATA) $(REPRODUCE_ARGS)
 
 ## analyze: outlier/quantisation analysis, e.g. make analyze MODEL="runs/a runs/b" DATA=data/demo SAMPLES=1000 OUT=analysis
 ## (MODEL, DATA required; SAMPLES defaults to 1000, OUT to analysis; ANALYZE_ARGS adds options)

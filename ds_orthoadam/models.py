@@ -35,6 +35,7 @@ from ds_orthoadam.errors import UserError
 DEFAULT_SEQ_LEN = 256
 DEFAULT_VOCAB_SIZE = 32000
 TINY_VOCAB_SIZE = 8192
+TESTBED_VOCAB_SIZE = 67  # the testbed task's 64 content tokens and 3 special tokens (ds_orthoadam.data.synthetic)
 
 ATTENTION_CHOICES = ("softmax", "softmax1")
 NORM_CHOICES = ("default", "single_scale_rmsnorm")
@@ -65,6 +66,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "llama-350m": ModelSpec("llama", 1024, 24, 16, 2736, DEFAULT_VOCAB_SIZE, 367_969_280),
     "llama-1.4b": ModelSpec("llama", 2048, 24, 32, 5461, DEFAULT_VOCAB_SIZE, 1_339_082_752),
     "gpt2-tiny": ModelSpec("gpt2", 128, 6, 4, 512, TINY_VOCAB_SIZE, 2_271_232),
+    "llama-testbed": ModelSpec("llama", 64, 3, 4, 172, TESTBED_VOCAB_SIZE, 157_248),
     "gpt2-60m": ModelSpec("gpt2", 512, 13, 8, 2048, DEFAULT_VOCAB_SIZE, 57_497_088),
     "gpt2-130m": ModelSpec("gpt2", 768, 15, 12, 3072, DEFAULT_VOCAB_SIZE, 131_092_224),
     "gpt2-350m": ModelSpec("gpt2", 1024, 27, 16, 4096, DEFAULT_VOCAB_SIZE, 373_130_240),

@@ -42,10 +42,15 @@ class RunConfigError(UserError, ValueError):
     """A DeepSpeed config (or override) that cannot be used; the message names the problem and the fix."""
 
 
+CPU_CONFIGS = {"-tiny": "cpu.json", "-testbed": "testbed.json"}
+
+
 def default_ds_config_path(model_name: str) -> Path:
-    """``ds_configs/<model_name>.json``: the paper's setup for that model size; ``ds_configs/cpu.json`` (fp32, two
-    CPU ranks) for the ``*-tiny`` models, which exist for the demo and the tests."""
-    return DS_CONFIG_DIR / ("cpu.json" if model_name.endswith("-tiny") else f"{model_name}.json")
+    """``ds_configs/<model_name>.json``: the paper's setup for that model size; the fp32 two-CPU-rank configs for the
+    models that exist for CPUs: ``cpu.json`` for the ``*-tiny`` models (tests), ``testbed.json`` for the
+    ``*-testbed`` ones (the testbed's learning rate and schedule, see docs/testbed.md)."""
+    suffix = next((suffix for suffix in CPU_CONFIGS if model_name.endswith(suffix)), None)
+    return DS_CONFIG_DIR / (CPU_CONFIGS[suffix] if suffix else f"{model_name}.json")
 
 
 def variant_path(name: str) -> Path:

@@ -116,6 +116,12 @@ def _metric_rows(metrics_file: Path) -> list[tuple[str, dict | None]]:
     return rows
 
 
+def metric_series(metrics_file: Path, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``tag`` in a run's ``metrics.jsonl``, in step order; unparsable lines are skipped."""
+    points = sorted((row["step"], row[tag]) for _, row in _metric_rows(metrics_file) if row is not None and tag in row)
+    return [step for step, _ in points], [value for _, value in points]
+
+
 def keep_metrics_through(metrics_file: Path, last_step: int) -> None:
     """Rewrite ``metrics_file`` with only its rows of steps ``<= last_step``, atomically (rank 0).
 

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training sequence length in tokens (at least 2: one input and one target)")
     config = parser.add_argument_group("DeepSpeed config")
     config.add_argument("--ds-config", default=None,
-                        help="DeepSpeed JSON (default: ds_configs/<model>.json; ds_configs/cpu.json for *-tiny)")
+                        help="DeepSpeed JSON (default: ds_configs/<model>.json; cpu.json for *-tiny, testbed.json for "
+                             "*-testbed)")
     config.add_argument("--optimizer", default=None, choices=("adamw", "orthoadam"),
                         help="optimiser variant: applies ds_configs/variants/<name>.json (default: the config's)")
     config.add_argument("--ds-override", action="append", default=[], metavar="JSON",
