@@ -180,15 +180,22 @@ def test_check_only_checks_the_shared_inputs_without_starting_a_process_group(co
                                                                               capsys, monkeypatch):
     """The launch scripts' pre-flight (--check-only): good inputs pass in this one process, with no process group,
     and a bad one is the same one-line error the ranks would print."""
+    import deepspeed
     import torch.distributed as dist
 
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("--check-only started a process group")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", no_process_group)
+    monkeypatch.setattr(dist, "init_process_group", no_process_group)
+    initialized_before = dist.is_initialized()  # an earlier in-process test may have left one: not ours to judge
     good = ("--model", "llama-tiny", "--data", corpus["dir"], "--tokenizer", tokenizer_dir,
             "--output-dir", str(tmp_path / "run"), "--check-only")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     from ds_orthoadam.train import main
 
-    assert main(list(good)) == 0 and not dist.is_initialized()
+    assert main(list(good)) == 0 and dist.is_initialized() == initialized_before
     assert (tmp_path / "run").is_dir() and not any((tmp_path / "run").iterdir())
     bad = {"--tokenizer": str(tmp_path / "no-tokenizer"), "--data": str(tmp_path / "no-data"),
            "--val-data": str(tmp_path / "no-val")}
