@@ -40,6 +40,7 @@ from ds_orthoadam.errors import UserError, summary
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import export_checkpoint
 from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, build_model
+from ds_orthoadam.param_groups import WEIGHT_DECAY_CHOICES, optimizer_groups
 from ds_orthoadam.telemetry import Telemetry, flops_per_token, peak_tflops_for_device
 from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError
 
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON file deep-merged into the config, in order (repeatable)")
     config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
                         help="edit one config value, e.g. --set scheduler.params.total_num_steps=100 (repeatable)")
+    config.add_argument("--weight-decay-on", default="matrices", choices=WEIGHT_DECAY_CHOICES,
+                        help="parameters the config's weight decay applies to: 'matrices' (linear layers and "
+                             "embeddings; norm gains and biases exempt, as in Megatron-LM and nanoGPT) or 'all'")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True,
                       help="training source: 'c4' (hub), local C4 json(.gz) shards / directory / glob, or .txt files")
@@ -145,15 +149,16 @@ def compose_config(args: argparse.Namespace, world_size: int) -> dict:
     return run_config.with_run_monitors(config, args.output_dir)
 
 
-def initialize_engine(model: torch.nn.Module, ds_config: dict):
+def initialize_engine(model: torch.nn.Module, ds_config: dict, weight_decay_on: str):
     """The DeepSpeed engine for ``model``: ``ds_orthoadam.initialize`` resolves ``"type": "OrthoAdam"`` and passes
     every other optimiser name through to ``deepspeed.initialize``.
 
     Config values :func:`run_config.validate` cannot judge (what the device supports, DeepSpeed's own value checks)
     fail inside DeepSpeed as ValueError/TypeError/AssertionError (pydantic's ValidationError is a ValueError); they
     become a DeepSpeedConfigError naming the likely field instead of a traceback on every rank."""
+    groups = optimizer_groups(model, weight_decay_on)
     try:
-        engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=groups, config=ds_config)
     except DeepSpeedConfigError:
         raise
     except (ValueError, TypeError, AssertionError) as error:
@@ -238,7 +243,8 @@ def run_identity(args: argparse.Namespace, model_args: dict, ds_config: dict, da
     ``data_policy`` (source, BOS/EOS and packing policy, seed, ranks) is recorded so that "first token" means the
     same thing in every analysis of the run.
     """
-    return {"model_args": model_args, "optimizer": run_config.optimizer_type(ds_config), "data": args.data,
+    return {"model_args": model_args, "optimizer": run_config.optimizer_type(ds_config),
+            "weight_decay_on": args.weight_decay_on, "data": args.data,
             "tokenizer": str(args.tokenizer), "data_policy": data_policy}
 
 
@@ -285,7 +291,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         model = build_model(**self.model_args)
         self.flops_per_token = flops_per_token(model, args.seq_len)
-        self.engine = initialize_engine(model, ds_config)
+        self.engine = initialize_engine(model, ds_config, args.weight_decay_on)
         self.device = self.engine.device
         self.validation = make_validation_batches(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
         self.probe_ids = next(iter(self.validation))["input_ids"][:args.probe_samples].to(self.device)

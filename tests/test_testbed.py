@@ -60,6 +60,7 @@ def test_training_command_is_accepted_by_the_trainer(label, tmp_path):
     assert overrides["scheduler.params.total_num_steps"] == "40"
     assert overrides["scheduler.params.warmup_num_steps"] == "4"  # a tenth of a short run
     assert ("optimizer.params.seed" in overrides) == variant.uses_orthoadam
+    assert args.weight_decay_on == "all"  # the measured preset decays the norm gains too (docs/testbed.md)
     assert Path(args.export_dir).name == label
 
 
