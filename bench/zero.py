@@ -23,6 +23,14 @@ with or without ``overlap_comm``: the step's gradient is rotated once, right bef
 fp32 gradient accumulation: a tensor hook per micro-batch). The alternative re-parametrisation theta = R(phi) adds
 ``k * (rotate + unrotate)`` (theta = Q^T phi in every forward, Q g in every backward). Memory: rotations (not
 sharded) and the ZeRO-1 optimiser state per rank.
+
+ZeRO-3 rows (``--zero3``): one-rank ZeRO-3 engines with every parameter released after use
+(``stage3_param_persistence_threshold`` 0, as for a model too large to keep any whole), AdamW and OrthoAdam with
+dense and Hadamard rotations, built in this process and timed interleaved per micro-batch (forward, backward, step).
+OrthoAdam there pays per micro-batch ``rotate + 2 unrotate`` (each gather for forward and for backward yields
+theta = Q^T phi; each micro-batch's gradient is rotated before the reduce-scatter) and nothing extra per step; the
+rows give that extra time against the AdamW ZeRO-3 engine's own 16384-token step (16384/micro_tokens micro-batches
+plus its step). One rank gathers nothing, so communication (the same for both optimisers) is not in the step.
 """
 from __future__ import annotations
 
@@ -83,16 +91,19 @@ def measure_components(model: torch.nn.Module, tokens: torch.Tensor, repeats: in
     return timings
 
 
-def build_engine(name: str, optimizer: str, tokens: torch.Tensor):
-    """A one-rank ZeRO-1 DeepSpeed engine (ENGINE_ACCUMULATION micro-batches per step); the two engines compared
-    differ only in the optimiser name."""
+def build_engine(name: str, optimizer: str, tokens: torch.Tensor, stage: int = 1, rotation: str = "dense"):
+    """A one-rank DeepSpeed engine (ENGINE_ACCUMULATION micro-batches per step); the engines compared differ only
+    in the optimiser (and OrthoAdam's rotation kind). ZeRO-3: no parameter persists between uses."""
     torch.manual_seed(0)
     model = ds_orthoadam.build_model(name)
     params = {"lr": 1e-4, "weight_decay": 0.1}
     if optimizer == "AdamW":
         params["torch_adam"] = True
+    else:
+        params["rotation"] = rotation
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
     config = {"train_micro_batch_size_per_gpu": tokens.shape[0], "gradient_accumulation_steps": ENGINE_ACCUMULATION,
-              "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
+              "gradient_clipping": 1.0, "zero_optimization": zero, "steps_per_print": 10**9,
               "optimizer": {"type": optimizer, "params": params}}
     engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
@@ -102,6 +113,48 @@ def measure_in_engines(name: str, tokens: torch.Tensor, repeats: int) -> tuple[d
     """Per micro-batch engine.backward and engine.step times of AdamW and OrthoAdam engines, alternating between
     the two; and whether the OrthoAdam engine rotates the gradient once per step."""
     engines = {optimizer: build_engine(name, optimizer, tokens) for optimizer in ("AdamW", "OrthoAdam")}
+    return time_engines(engines, tokens, repeats), engines["OrthoAdam"].orthoadam_hooks.rotates_once_per_step
+
+
+ZERO3_ENGINES = {"AdamW": ("AdamW", "dense"), "OrthoAdam dense": ("OrthoAdam", "dense"),
+                 "OrthoAdam hadamard": ("OrthoAdam", "hadamard")}
+
+
+def measure_zero3(name: str, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Per micro-batch forward, backward and step times of one-rank ZeRO-3 engines (see the module doc)."""
+    engines = {label: build_engine(name, optimizer, tokens, stage=3, rotation=rotation)
+               for label, (optimizer, rotation) in ZERO3_ENGINES.items()}
+    return time_engines(engines, tokens, repeats)
+
+
+def print_zero3(name: str, tokens: torch.Tensor, repeats: int) -> None:
+    e = measure_zero3(name, tokens, repeats)
+    micro = range(ENGINE_ACCUMULATION)
+
+    def per_micro_batch(label: str) -> float:  # forward + backward + non-boundary step, mean over micro-batches
+        return sum(e[f"forward{m}_{label}"] + e[f"backward{m}_{label}"] for m in micro) / ENGINE_ACCUMULATION
+
+    def per_step(label: str) -> float:  # the boundary micro-batch's engine.step (the optimiser step)
+        return e[f"step{ENGINE_ACCUMULATION - 1}_{label}"]
+
+    micro_batches = PAPER_TOKENS_PER_RANK / tokens.numel()
+    full_step = micro_batches * per_micro_batch("AdamW") + per_step("AdamW")
+    print(f"ZeRO-3, one rank, no persistent parameters, {tokens.numel()} tokens per micro-batch: AdamW fwd+bwd "
+          f"{per_micro_batch('AdamW'):.3f} s per micro-batch, step {per_step('AdamW'):.3f} s; a {PAPER_TOKENS_PER_RANK}"
+          f"-token step = {micro_batches:g} micro-batches + step = {full_step:.1f} s")
+    for label in ZERO3_ENGINES:
+        if label == "AdamW":
+            continue
+        extra_micro = per_micro_batch(label) - per_micro_batch("AdamW")
+        extra_step = per_step(label) - per_step("AdamW")
+        share = (micro_batches * extra_micro + extra_step) / full_step
+        print(f"  {label}: per micro-batch {extra_micro:+.3f} s ({per_micro_batch(label) / per_micro_batch('AdamW'):.3f}"
+              f" x AdamW), per step {extra_step:+.3f} s ({per_step(label) / per_step('AdamW'):.3f} x AdamW); extra "
+              f"per {PAPER_TOKENS_PER_RANK}-token step {share:.2%} (micro-batches of {tokens.numel()} tokens)")
+
+
+def time_engines(engines: dict, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Interleaved per micro-batch forward, backward and step times of each engine (keyed ``{task}{micro}_{label}``)."""
     pending = {}
 
     def forward(optimizer: str):
@@ -117,7 +170,7 @@ def measure_in_engines(name: str, tokens: torch.Tensor, repeats: int) -> tuple[d
             tasks[f"step{micro}_{optimizer}"] = engine.step
     for task in tasks.values():  # the first step also builds the optimiser state
         task()
-    return interleaved_best_times(tasks, repeats), engines["OrthoAdam"].orthoadam_hooks.rotates_once_per_step
+    return interleaved_best_times(tasks, repeats)
 
 
 def init_single_rank() -> None:
@@ -141,7 +194,15 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, nargs="+", default=[1, 4, 16],
                         help="micro-batches per optimiser step at which to report the overhead")
     parser.add_argument("--skip-engine", action="store_true", help="skip the in-DeepSpeed cross-check")
+    parser.add_argument("--zero3", action="store_true",
+                        help="only the ZeRO-3 rows: AdamW vs OrthoAdam (dense, Hadamard) ZeRO-3 engines")
     args = parser.parse_args()
+    if args.zero3:
+        init_single_rank()
+        torch.manual_seed(0)
+        print_zero3(args.model, batch(args.micro_tokens, ds_orthoadam.build_model(args.model).config.vocab_size),
+                    args.repeats)
+        return
 
     torch.manual_seed(0)
     model = ds_orthoadam.build_model(args.model)

@@ -29,7 +29,20 @@ fails loudly there instead of silently training in the wrong frame (or logging a
    ``engine.monitor.tb_monitor.summary_writer``, the writer that ``engine.monitor.write_events`` and DeepSpeed's own
    ``Train/Samples/*`` events go through (for the resume purge);
 10. the csv monitor's file layout and its per-process record of headers written (:func:`csv_monitor_files`, for the
-    same purge).
+    same purge);
+11. ZeRO-3 (``deepspeed/runtime/zero/partition_parameters.py``): a partitioned parameter carries ``ds_id`` and its
+    whole shape ``ds_shape``; every gather, whichever path runs it (the prefetch coordinator's
+    ``all_gather_coalesced`` handles, ``GatheredParameters``' and the persistent parameters' ``all_gather``), ends
+    by setting ``param.ds_status`` to ``AVAILABLE`` (from ``INFLIGHT`` or ``NOT_AVAILABLE``) once ``param.data``
+    holds the whole gathered tensor, and nothing else sets it to ``AVAILABLE`` after the initial conversion
+    (:func:`on_zero3_gather`);
+12. ZeRO-3 copies a parameter's whole data into its partition only in ``param.partition(param_list,
+    has_been_updated=True)`` (``GatheredParameters`` with a modifier rank, ``zero.Init``), called on any one
+    parameter for the whole list (:func:`before_zero3_write_back`); its fp32 master is refreshed from those
+    partitions by ``refresh_fp32_params`` (:func:`rewrite_zero3_partitions`);
+13. ZeRO-3 registers its gradient reduction as a post-accumulate-grad hook (``register_grad_hook``), so a tensor hook
+    on the parameter hands it the gradient it reduce-scatters (:func:`zero3_reduces_after_tensor_hooks`);
+14. ZeRO-3 writes its model states as ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (:func:`checkpoint_client_state`).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
@@ -39,13 +52,14 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import deepspeed
 import torch
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils.zero_to_fp32 import get_model_state_file
 
@@ -140,6 +154,115 @@ def run_before_boundary_reduction(engine: "deepspeed.DeepSpeedEngine", callback:
     engine.allreduce_gradients = allreduce_gradients
 
 
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # rank 0's; ZeRO 0-2 write mp_rank_00_model_states.pt
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    """Whether ``param`` has been converted by ZeRO-3 (``zero.Init`` or ``deepspeed.initialize`` at stage 3)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The whole shape of a parameter: ``ds_shape`` under ZeRO-3 (``param.shape`` is then that of the local
+    placeholder, ``[0]`` while partitioned), else ``param.shape``."""
+    return param.ds_shape if is_zero3_param(param) else param.shape
+
+
+_STATUS_KEY = "_ds_orthoadam_ds_status"
+_GATHER_CALLBACK_KEY = "_ds_orthoadam_after_gather"
+_OBSERVED_CLASSES: dict[type, type] = {}
+
+
+def _status(param: torch.Tensor) -> ZeroParamStatus:
+    return param.__dict__[_STATUS_KEY]
+
+
+def _set_status(param: torch.Tensor, status: ZeroParamStatus) -> None:
+    previous = param.__dict__.get(_STATUS_KEY)
+    param.__dict__[_STATUS_KEY] = status
+    if status is ZeroParamStatus.AVAILABLE and previous in (ZeroParamStatus.INFLIGHT, ZeroParamStatus.NOT_AVAILABLE):
+        param.__dict__[_GATHER_CALLBACK_KEY](param)
+
+
+def _observed_class(cls: type) -> type:
+    """``cls`` with ``ds_status`` made a property whose setter reports completed gathers (one subclass per class)."""
+    if cls not in _OBSERVED_CLASSES:
+        _OBSERVED_CLASSES[cls] = type(f"GatherObserved{cls.__name__}", (cls,),
+                                      {"ds_status": property(_status, _set_status), "__module__": __name__})
+    return _OBSERVED_CLASSES[cls]
+
+
+def on_zero3_gather(params: Iterable[torch.nn.Parameter], after: Callable[[torch.nn.Parameter], None]) -> None:
+    """Run ``after(param)`` each time ZeRO-3 has gathered ``param``'s whole data, before anything reads it.
+
+    Every gather path ends by setting ``param.ds_status = AVAILABLE`` (from ``INFLIGHT`` or ``NOT_AVAILABLE``) once
+    ``param.data`` is whole: the coordinator's forward/backward fetches and prefetches, ``GatheredParameters``, the
+    persistent parameters' re-gather after each step and after a checkpoint load. Each parameter's class is swapped
+    for a subclass (of its own class: ``isinstance`` and autograd are unchanged) in which ``ds_status`` is a property
+    whose setter calls ``after`` on that transition. ``after`` may change ``param.data`` in place.
+    """
+    for param in params:
+        param.__dict__[_GATHER_CALLBACK_KEY] = after
+        if _STATUS_KEY not in param.__dict__:  # not observed yet
+            status = param.__dict__.pop("ds_status")
+            param.__class__ = _observed_class(type(param))
+            param.__dict__[_STATUS_KEY] = status
+
+
+def before_zero3_write_back(params: Iterable[torch.nn.Parameter], before: Callable[[torch.nn.Parameter], None]) -> None:
+    """Run ``before(p)`` right before ZeRO-3 copies the whole data of a gathered ``p`` into its partition.
+
+    That copy happens only in ``partition(param_list, has_been_updated=True)``, which DeepSpeed calls on one
+    parameter (e.g. the first of a ``GatheredParameters`` list) for a whole list: it is wrapped on every parameter
+    given here (pass all of the module's), and ``before`` is called for each gathered parameter of the list.
+    """
+    for param in params:
+        original = param.partition
+
+        def partition(param_list=None, hierarchy=0, has_been_updated=False, free_data=True, _param=param,
+                      _original=original):
+            if has_been_updated:
+                for item in (param_list if param_list is not None else [_param]):
+                    if item.ds_status is ZeroParamStatus.AVAILABLE:
+                        before(item)
+            return _original(param_list=param_list, hierarchy=hierarchy, has_been_updated=has_been_updated,
+                             free_data=free_data)
+
+        param.partition = partition
+
+
+def rewrite_zero3_partitions(engine: "deepspeed.DeepSpeedEngine",
+                             params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Gather each parameter (one at a time: a collective, every rank must call this) and write its whole data back
+    into its partition, then refresh DeepSpeed's fp32 master partitions from those bit16/fp32 partitions.
+
+    With :func:`before_zero3_write_back` installed, the partitions (and the master) receive what that callback makes
+    of the gathered data. A parameter that was gathered before (ZeRO-3 keeps small "persistent" ones whole) is
+    partitioned afterwards: they are returned, for the caller to gather again (:func:`gather_zero3_params`) once it
+    has installed what a gather must run.
+    """
+    were_gathered = []
+    for param in params:
+        if param.ds_status is ZeroParamStatus.AVAILABLE:
+            were_gathered.append(param)
+        param.all_gather()
+        param.partition(has_been_updated=True)
+    engine.optimizer.refresh_fp32_params()
+    return were_gathered
+
+
+def gather_zero3_params(params: list[torch.nn.Parameter]) -> None:
+    """Gather ``params`` (a collective: every rank passes the same list) and leave them gathered."""
+    if params:
+        params[0].all_gather(param_list=params)
+
+
+def zero3_reduces_after_tensor_hooks(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """Whether the engine is ZeRO-3 and reduces each parameter's gradient from a post-accumulate-grad hook, i.e.
+    after the parameter's tensor hooks have run, from ``p.grad`` of the whole (gathered) parameter."""
+    return engine.zero_optimization_stage() == 3 and not engine.is_deepcompile_enabled()
+
+
 def _tag_or_latest(checkpoint_dir: str, tag: str | None) -> str:
     if tag is not None:
         return tag
@@ -150,8 +273,9 @@ def _tag_or_latest(checkpoint_dir: str, tag: str | None) -> str:
 def checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict:
     """The dict saved in a DeepSpeed checkpoint's model-states file (``client_state`` keys live at its top level;
     the module's weights under ``"module"``)."""
-    return torch.load(get_model_state_file(os.path.join(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag)),
-                                           zero_stage=2), map_location="cpu", weights_only=False)
+    directory = os.path.join(checkpoint_dir, _tag_or_latest(checkpoint_dir, tag))
+    stage = 3 if os.path.exists(os.path.join(directory, ZERO3_MODEL_STATES)) else 2
+    return torch.load(get_model_state_file(directory, zero_stage=stage), map_location="cpu", weights_only=False)
 
 
 def weights_only_in_model_states(checkpoint_dir: str, tag: str | None, saved: dict) -> bool:

@@ -1,4 +1,4 @@
-"""OrthoAdam inside DeepSpeed, exact under ZeRO stages 0, 1 and 2: ``ds_orthoadam.initialize(...)``.
+"""OrthoAdam inside DeepSpeed, exact under ZeRO stages 0 to 3: ``ds_orthoadam.initialize(...)``.
 
 OrthoAdam with a fixed rotation Q per parameter is exactly AdamW run on phi = Q theta with gradient Q g (decoupled
 weight decay and the global gradient norm are rotation invariant). Under ZeRO-1/2 the inner optimiser only sees a
@@ -28,6 +28,26 @@ module weights inside every checkpoint), and the rotations are never stored: the
 ``(seed, name, shape, kind, max_dense_dim, long_axis, max_rotated_dim)`` (see :mod:`ds_orthoadam.rotations`),
 recorded in the checkpoint's ``client_state`` and checked on load. The fp32 weights of a ZeRO checkpoint are in the
 rotated frame; :func:`export_fp32_state_dict` returns the real theta.
+
+ZeRO-3 partitions the parameters themselves: no rank holds a whole parameter except while DeepSpeed has gathered
+it. There the frame is kept at the partitions: DeepSpeed's bit16/fp32 parameter partitions, its fp32 master and its
+moments hold phi, and every gathered (whole) parameter holds theta:
+
+* whenever DeepSpeed completes a gather (forward and backward fetches, prefetches, ``GatheredParameters``, the
+  persistent parameters' re-gather after each step), the gathered phi is rotated to theta (into a new tensor: on one
+  rank a gather is a view of the partition) before anything reads it (:func:`ds_orthoadam.ds_internals.on_zero3_gather`); whatever gathers whole weights (forward, evaluation,
+  ``GatheredParameters``, DeepSpeed's consolidated 16-bit state dict for export) therefore sees theta;
+* where DeepSpeed writes a modified whole parameter back into its partition (``GatheredParameters`` with a modifier
+  rank), it is rotated to phi first (:func:`ds_orthoadam.ds_internals.before_zero3_write_back`);
+* each micro-batch's gradient of the gathered parameter is rotated (g -> Q g) by a tensor hook, before DeepSpeed's
+  post-accumulate hook reduce-scatters it; clipping (global norm) and decoupled weight decay are rotation invariant,
+  so DeepSpeed's AdamW on the partitions is OrthoAdam;
+* at ``initialize`` the partitions DeepSpeed made from theta are rewritten to phi, one parameter at a time, and the
+  fp32 master refreshed from them.
+
+ZeRO-3 therefore costs three rotations per parameter per micro-batch (gathered for forward, re-gathered for backward,
+gradient), one more per re-gather under activation checkpointing; a persistent (small, never released) parameter is
+rotated once per step. ``bench/zero.py`` measures it (docs/deepspeed.md).
 
 Why not the re-parametrisation theta = R(phi) with AdamW on phi (also exact)? It rotates every parameter twice per
 *micro-batch* (theta = Q^T phi in forward, Q g in backward, plus again under activation checkpointing), materialises
@@ -62,7 +82,12 @@ from ds_orthoadam.rotations import Rotation, ScratchBuffers, make_rotation
 
 ORTHOADAM_TYPE = "orthoadam"
 ROTATION_STATE_KEY = "ds_orthoadam_rotation"  # in client_state beside the trainer's checkpointing.CLIENT_STATE_KEY
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
+# ZeRO-3 options that keep or transform a second copy of the partitions outside the gather/write-back path the rotated
+# frame follows (hpZ's secondary partitions are cut from gathered, i.e. real-frame, data; quantised weights would be
+# gathered as quantised phi): refused, with their defaults, rather than trained in a mixed frame.
+_ZERO3_REFUSED = {"zero_hpz_partition_size": 1, "zero_quantized_weights": False,
+                  "zero_quantized_nontrainable_weights": False}
 
 
 class DeepSpeedConfigError(UserError, ValueError):
@@ -164,8 +189,12 @@ def _check_zero_section(config: dict) -> None:
     stage = zero.get("stage", 0)
     if stage not in SUPPORTED_ZERO_STAGES:
         raise DeepSpeedConfigError(
-            f"zero_optimization.stage={stage!r} is not supported with OrthoAdam: use 0, 1 or 2 (stage 3 partitions "
-            "the parameters themselves, so no rank ever holds a whole parameter to rotate)")
+            f"zero_optimization.stage={stage!r} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if stage == 3:
+        for option, default in _ZERO3_REFUSED.items():
+            if zero.get(option, default) != default:
+                raise DeepSpeedConfigError(f"zero_optimization.{option}={zero[option]!r} is not supported with "
+                                           f"OrthoAdam under ZeRO-3: remove it (default {json.dumps(default)})")
     for offload in ("offload_optimizer", "offload_param"):
         device = (zero.get(offload) or {}).get("device", "none")
         if device not in (None, "none"):
@@ -230,6 +259,7 @@ class RotatedFrame:
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], spec: RotationSpec):
         self.params: dict[str, torch.nn.Parameter] = {n: p for n, p in named_parameters if p.requires_grad}
+        self.names: dict[int, str] = {id(p): n for n, p in self.params.items()}
         self.adopt(spec)
         self.scratch = ScratchBuffers()
 
@@ -237,8 +267,9 @@ class RotatedFrame:
         """(Re)build every rotation for ``spec``; hooks and steps look rotations up when they run, so they follow."""
         self.spec = spec
         self.rotations: dict[str, Rotation] = {
-            name: make_rotation(p.shape, spec.rotation, spec.seed, name, spec.max_dense_dim, device=p.device,
-                                long_axis=spec.long_axis, version=spec.version, max_rotated_dim=spec.max_rotated_dim)
+            name: make_rotation(ds_internals.full_shape(p), spec.rotation, spec.seed, name, spec.max_dense_dim,
+                                device=p.device, long_axis=spec.long_axis, version=spec.version,
+                                max_rotated_dim=spec.max_rotated_dim)
             for name, p in self.params.items()
         }
 
@@ -252,11 +283,12 @@ class RotatedFrame:
         ``max_rotated_dim``, or than ``max_dense_dim`` with ``long_axis="identity"``), in parameter order."""
         spec, found = self.spec, []
         for name, param in self.params.items():
-            for axis, size in enumerate(rotations.matrix_view(param.shape)):
+            shape = ds_internals.full_shape(param)
+            for axis, size in enumerate(rotations.matrix_view(shape)):
                 transform = rotations.axis_kind(spec.rotation, size, spec.max_dense_dim, spec.long_axis,
                                                 spec.max_rotated_dim)
                 if size > 1 and transform == "identity":
-                    dims = f"dim {axis}" if axis == 0 or param.dim() == 2 else f"dims 1-{param.dim() - 1}"
+                    dims = f"dim {axis}" if axis == 0 or len(shape) == 2 else f"dims 1-{len(shape) - 1}"
                     found.append((name, dims, size))
         return found
 
@@ -295,6 +327,16 @@ class RotatedFrame:
         """phi -> theta = Q^T phi, in place."""
         for name, param in self.params.items():
             param.copy_(self._rotated(name, param, inverse=True))
+
+    @torch.no_grad()
+    def rotate_param_(self, param: torch.nn.Parameter, inverse: bool = False) -> None:
+        """``param.data`` := Q theta (or theta = Q^T phi with ``inverse``) for one of the frame's parameters; others
+        are left alone (ZeRO-3's write-back callback sees every parameter of a gathered list)."""
+        name = self.names.get(id(param))
+        if name is not None:
+            # A new tensor, not written into param.data: a gather on one rank hands out a view of the partition.
+            rotated = self._rotated(name, param.data, inverse=inverse)
+            param.data = rotated.to(param.dtype, copy=self.scratch.holds(rotated))
 
     @torch.no_grad()
     def rotate_gradients_(self) -> None:
@@ -350,6 +392,33 @@ class OrthoAdamEngineHooks:
         self.engine = engine
         self.frame = frame
         self.master_copy = ds_internals.optimizer_keeps_master_copy(engine)
+        self._gradients_rotated = False
+        self.partitions_parameters = engine.zero_optimization_stage() == 3
+        if self.partitions_parameters:
+            # ZeRO-3 reduce-scatters every micro-batch's gradient during its backward: a tensor hook rotates each.
+            if not ds_internals.zero3_reduces_after_tensor_hooks(engine):
+                raise DeepSpeedConfigError("compile.deepcompile is not supported with OrthoAdam under ZeRO-3: disable "
+                                           "it (DeepCompile replaces the gradient hooks the rotation relies on)")
+            self.rotates_before_reduction = self.rotates_once_per_step = False
+            self.gradient_hooks = frame.register_gradient_hooks()
+            self._keep_partitions_in_rotated_frame()
+        else:
+            self._init_replicated_parameters()
+        self._wrap("save_checkpoint", self.save_checkpoint)
+        self._wrap("load_checkpoint", self.load_checkpoint)
+
+    def _keep_partitions_in_rotated_frame(self) -> None:
+        """ZeRO-3: partitions (and master) := Q theta once; from then on every gather yields theta and every write-back
+        of a whole parameter stores phi (see the module doc)."""
+        ds_internals.before_zero3_write_back(self.engine.module.parameters(), self.frame.rotate_param_)
+        were_gathered = ds_internals.rewrite_zero3_partitions(self.engine, self.frame.params.values())
+        ds_internals.on_zero3_gather(self.frame.params.values(),
+                                     functools.partial(self.frame.rotate_param_, inverse=True))
+        ds_internals.gather_zero3_params(were_gathered)
+
+    def _init_replicated_parameters(self) -> None:
+        """ZeRO 0-2: rotate gradients where DeepSpeed reduces them, step the master in phi, rotate the module back."""
+        engine, frame = self.engine, self.frame
         # Where DeepSpeed reduces the gradient accumulated in p.grad only on the boundary micro-batch, that
         # accumulated gradient is rotated once per optimiser step: right before engine.allreduce_gradients (ZeRO 0,
         # ZeRO 1), or by a tensor hook on the boundary micro-batch (ZeRO 1 with overlap_comm, which reduces inside
@@ -357,7 +426,6 @@ class OrthoAdamEngineHooks:
         self.rotates_before_reduction = ds_internals.reduces_accumulated_grads_at_boundary(engine)
         in_boundary_backward = ds_internals.reduces_accumulated_grads_in_boundary_backward(engine)
         self.rotates_once_per_step = self.rotates_before_reduction or in_boundary_backward
-        self._gradients_rotated = False
         self.gradient_hooks = []
         if self.rotates_before_reduction:
             ds_internals.run_before_boundary_reduction(engine, self._rotate_gradients_once)
@@ -370,11 +438,9 @@ class OrthoAdamEngineHooks:
                 warnings.warn(
                     f"OrthoAdam rotates each of the {accumulation} micro-batches' gradients per optimiser step: this "
                     "DeepSpeed config (ZeRO-2, or fp32 gradient accumulation under bf16) takes every micro-batch's "
-                    "gradient during its backward. ZeRO-1 rotates once per step (docs/deepspeed.md).", UserWarning, stacklevel=3)
+                    "gradient during its backward. ZeRO-1 rotates once per step (docs/deepspeed.md).", UserWarning, stacklevel=4)
         self._set_master_from_module()
         self._wrap("step", self.step)
-        self._wrap("save_checkpoint", self.save_checkpoint)
-        self._wrap("load_checkpoint", self.load_checkpoint)
 
     def _wrap(self, name: str, replacement) -> None:
         original = getattr(self.engine, name)
@@ -440,6 +506,10 @@ class OrthoAdamEngineHooks:
     def load_checkpoint(self, original_load, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
         module_only = load_module_only or not load_optimizer_states
+        if module_only and self.partitions_parameters:
+            raise RotationMismatchError("load_module_only / load_optimizer_states=False is not supported with OrthoAdam "
+                                        "under ZeRO-3: load the full checkpoint, or start the ZeRO-3 run from exported "
+                                        "weights (ds_orthoadam.zero_orthoadam.export_fp32_state_dict)")
         load_path, client_state = original_load(
             load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
             load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,

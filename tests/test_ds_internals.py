@@ -6,13 +6,15 @@ AdamW, no ds_orthoadam wrapping), so each check isolates one fact.
 """
 from __future__ import annotations
 
+import math
+
 import deepspeed
 import pytest
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from ds_orthoadam import ds_internals
-from zero_harness import init_single_rank_process_group, loss_of, micro_batch, tiny_model
+from zero_harness import VOCAB, init_single_rank_process_group, loss_of, micro_batch, tiny_model
 
 
 def _config(stage: int, bf16: bool = False, accumulation: int = 1, **extra) -> dict:
@@ -273,3 +275,93 @@ def test_the_shm_comm_op_skipped_at_start_up_is_one_deepspeed_knows():
     assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
     ds_internals.skip_shm_comm_build()
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+
+# --------------------------------------------------------------------------------------------------------- ZeRO-3
+
+
+def _zero3_engine(persistence_threshold: int = 0):
+    """ZeRO-3 on one rank; threshold 0: every parameter is partitioned and gathered on use (none persistent)."""
+    return _engine(3, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": persistence_threshold})
+
+
+def test_zero3_params_carry_their_whole_shape_and_every_gather_is_reported_before_use():
+    """Each forward/backward fetch and GatheredParameters reports the whole, gathered weights; what the callback
+    puts in param.data is what the module computes with: zeroing the final norm makes every logit 0, loss ln(V)."""
+    engine, reference = _zero3_engine(), tiny_model("llama")
+    params = dict(engine.module.named_parameters())
+    expected = dict(reference.named_parameters())
+    assert all(ds_internals.is_zero3_param(p) and p.numel() == 0 for p in params.values())
+    assert {n: ds_internals.full_shape(p) for n, p in params.items()} == {n: p.shape for n, p in expected.items()}
+    assert not ds_internals.is_zero3_param(expected["model.norm.weight"])
+    names, seen = {id(p): n for n, p in params.items()}, []
+
+    def after(param):
+        seen.append((names[id(param)], param.data.clone()))
+        if names[id(param)] == "model.norm.weight":
+            param.data = torch.zeros_like(param.data)
+
+    ds_internals.on_zero3_gather(params.values(), after)
+    loss = loss_of(engine, micro_batch(0, 0, 0))
+    assert loss.item() == pytest.approx(math.log(VOCAB), abs=1e-6)
+    assert {name for name, _ in seen} == set(params)
+    assert all(torch.equal(data, expected[name]) for name, data in seen)
+    engine.backward(loss)
+    seen.clear()
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        assert all(p.shape == expected[n].shape for n, p in params.items())
+    assert sorted(name for name, _ in seen) == sorted(params)
+
+
+def test_zero3_write_back_is_preceded_by_the_callback_and_the_master_refreshed_from_it():
+    """rewrite_zero3_partitions: the partition and the fp32 master get what the write-back callback made of the
+    gathered data (a new tensor, so not written through the one-rank gather's view of the partition); a
+    GatheredParameters modifier's write-back for a whole list runs the callback for each parameter."""
+    engine = _zero3_engine()
+    params = list(engine.module.parameters())
+    before = [safe_get_full_fp32_param(p).clone() for p in params]
+    calls = []
+
+    def double(param):
+        calls.append(param)
+        param.data = param.data * 2
+
+    ds_internals.before_zero3_write_back(params, double)
+    assert ds_internals.rewrite_zero3_partitions(engine, params) == []
+    assert all(torch.equal(safe_get_full_fp32_param(p), 2 * b) for p, b in zip(params, before))
+    with deepspeed.zero.GatheredParameters(params):
+        assert all(torch.equal(p.data, 2 * b) for p, b in zip(params, before))
+    calls.clear()
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        pass
+    assert sorted(id(p) for p in calls) == sorted(id(p) for p in params)
+
+
+def test_zero3_persistent_params_are_returned_by_the_rewrite_and_gathered_again():
+    engine = _zero3_engine(persistence_threshold=10**9)  # every parameter of the tiny model is persistent:
+    params = list(engine.module.parameters())
+    _train_step(engine)  # gathered again at the end of every step, then never released
+    assert all(p.numel() > 0 for p in params)
+    were_gathered = ds_internals.rewrite_zero3_partitions(engine, params)
+    assert [id(p) for p in were_gathered] == [id(p) for p in params] and all(p.numel() == 0 for p in params)
+    ds_internals.gather_zero3_params(were_gathered)
+    assert all(p.shape == ds_internals.full_shape(p) for p in params)
+
+
+def test_zero3_reduces_the_gradient_a_tensor_hook_returns():
+    engine, reference = _zero3_engine(), tiny_model("llama")
+    assert ds_internals.zero3_reduces_after_tensor_hooks(engine)
+    for param in engine.module.parameters():
+        param.register_hook(lambda grad: -3 * grad)
+    tokens = micro_batch(0, 0, 0)
+    engine.backward(loss_of(engine, tokens))
+    loss_of(reference, tokens).backward()
+    for (name, param), expected in zip(engine.module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(safe_get_full_grad(param), -3 * expected.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_zero3_checkpoint_client_state(tmp_path):
+    engine = _zero3_engine()
+    engine.save_checkpoint(str(tmp_path), tag="t", client_state={"marker": 7})
+    assert (tmp_path / "t" / ds_internals.ZERO3_MODEL_STATES).exists()
+    assert ds_internals.checkpoint_client_state(str(tmp_path), "t")["marker"] == 7

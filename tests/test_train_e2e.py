@@ -224,8 +224,8 @@ def test_a_failed_resume_from_an_older_checkpoint_leaves_the_newer_ones_in_place
     shutil.copytree(reference_run, rerun)
     checkpoints = rerun / "checkpoints"
     returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--train-steps", "5", "--resume",
-                                "global_step4", "--set", "zero_optimization.stage=3")
-    assert returncode != 0 and "zero_optimization.stage=3" in output
+                                "global_step4", "--set", "zero_optimization.stage=4")
+    assert returncode != 0 and "zero_optimization.stage=4" in output
     (checkpoints / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     returncode, output = launch(corpus, rerun, "--optimizer", "orthoadam", "--train-steps", "5", "--resume",
                                 "global_step4")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
 
@@ -42,8 +43,12 @@ TRAIN_CASES = [
     # fp16 runs DeepSpeed's own fp16 machinery on the CPU (tests/fp16_on_cpu/sitecustomize.py).
     "llama:0:fp16:OrthoAdam", "llama:1:fp16:OrthoAdam", "llama:2:fp16:OrthoAdam",
     "llama:0:fp16:AdamW", "llama:1:fp16:AdamW", "llama:2:fp16:AdamW", "llama:1:fp16:OrthoAdam:overflow7",
+    # ZeRO-3: partitions in the rotated frame, gathered parameters rotated back (weights read through
+    # GatheredParameters, as an export does).
+    "llama:3:fp32:OrthoAdam:save10", "gpt2:3:fp32:OrthoAdam:save10", "llama:3:fp32:OrthoAdam:overflow7",
+    "llama:3:bf16:OrthoAdam", "llama:3:bf16:AdamW",
 ]
-RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10"]
+RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10", "llama:3:fp32:OrthoAdam:resume10"]
 
 
 def _launch(out_dir: Path, cases: list[str]) -> None:
@@ -63,7 +68,8 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     _launch(out_dir, RESUME_CASES)
     results = {case: torch.load(out_dir / f"{case.replace(':', '_')}.pt", weights_only=False)
                for case in TRAIN_CASES + RESUME_CASES}
-    results["checkpoint_dirs"] = {family: out_dir / f"ckpt-{family}" for family in ("llama", "gpt2")}
+    results["checkpoint_dirs"] = {(family, stage): out_dir / f"ckpt-{family}{suffix}" for family in ("llama", "gpt2")
+                                  for stage, suffix in ((1, ""), (3, "-zero3"))}
     return results
 
 
@@ -74,13 +80,23 @@ def references() -> dict[str, dict]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam:save10", "llama:0:fp32:OrthoAdam",
-                                  "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam", "llama:1:fp32:OrthoAdam:overlap"])
+                                  "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam", "llama:1:fp32:OrthoAdam:overlap",
+                                  "llama:3:fp32:OrthoAdam:save10", "gpt2:3:fp32:OrthoAdam:save10"])
 def test_fp32_equals_single_process_orthoadam(runs, references, case):
     family = case.split(":")[0]
     reference, clipped = references[family]
     assert all(clipped), "the harness must exercise gradient clipping"
     assert runs[case]["skipped_steps"] == 0
     assert max_abs_diff(runs[case]["final"], reference) <= FP32_TOL
+
+
+@pytest.mark.e2e
+def test_zero3_cases_cover_released_and_persistent_parameters(runs):
+    """llama: every parameter gathered on use and released (forward and backward fetches); gpt2: all persistent
+    (ZeRO-3's default threshold), gathered once after each step."""
+    assert runs["llama:3:fp32:OrthoAdam:save10"]["persistent_params"] == 0
+    gpt2 = runs["gpt2:3:fp32:OrthoAdam:save10"]
+    assert gpt2["persistent_params"] == gpt2["rotated_params"] > 0
 
 
 @pytest.mark.e2e
@@ -91,7 +107,8 @@ def test_adamw_negative_control_differs_far_more(runs, references, family):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 0), ("fp16", 0), ("fp16", 1), ("fp16", 2)])
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 0), ("fp16", 0), ("fp16", 1), ("fp16", 2),
+                                             ("bf16", 3)])
 def test_low_precision_error_is_deepspeeds_own_and_control_differs(runs, references, precision, stage):
     reference, _ = references["llama"]
     initial = tiny_model("llama").state_dict()
@@ -116,6 +133,9 @@ def test_low_precision_error_is_deepspeeds_own_and_control_differs(runs, referen
     # DeepSpeed takes each micro-batch's gradient during its backward: rotated by the per-micro-batch hook.
     ("llama:2:fp32:OrthoAdam", False),
     ("llama:1:bf16:OrthoAdam:accum32", False),
+    # ZeRO-3 reduce-scatters each micro-batch's gradient during its backward (gathers rotate back with Q^T: not
+    # counted).
+    ("llama:3:fp32:OrthoAdam:save10", False),
 ])
 def test_gradients_rotated_once_per_step_where_deepspeed_reduces_only_at_the_boundary(runs, case, once_per_step):
     """Counts every Q x of the training loop: one per parameter per optimiser step at ZeRO 0/1 (+ one per parameter
@@ -149,11 +169,12 @@ def test_zero1_shards_moments_and_reports_rotation_memory(runs):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs, references, precision):
+@pytest.mark.parametrize("precision,stage", [("fp32", 1), ("fp16", 1), ("fp32", 3)])
+def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs, references, precision, stage):
     """An inf loss on one rank at step 7: DeepSpeed skips the step on every rank (with fp16 its dynamic loss scaler
-    halves the scale), which must equal training without step 7's batch."""
-    facts = runs[f"llama:1:{precision}:OrthoAdam:overflow7"]
+    halves the scale), which must equal training without step 7's batch. Under ZeRO-3 no parameter is re-gathered
+    after a skipped step: the next forward's gathers must still yield theta."""
+    facts = runs[f"llama:{stage}:{precision}:OrthoAdam:overflow7"]
     before, after = facts["before_skip"], facts["after_skip"]
     assert facts["skipped_steps"] == 1 and not facts["step_applied_at_skip"]
     for key in ("module", "exp_avg_full"):
@@ -179,8 +200,9 @@ def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs, refe
 
 
 @pytest.mark.e2e
-def test_resume_in_new_process_is_bit_identical(runs):
-    resumed, uninterrupted = runs["llama:1:fp32:OrthoAdam:resume10"], runs["llama:1:fp32:OrthoAdam:save10"]
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_in_new_process_is_bit_identical(runs, stage):
+    resumed, uninterrupted = runs[f"llama:{stage}:fp32:OrthoAdam:resume10"], runs[f"llama:{stage}:fp32:OrthoAdam:save10"]
     assert resumed["client_state"]["next_step"] == 10
     saved = uninterrupted["weights_at_save"]
     assert all(torch.equal(resumed["weights_after_load"][k], saved[k]) for k in saved)
@@ -189,23 +211,26 @@ def test_resume_in_new_process_is_bit_identical(runs):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: tied embeddings appear under two names
-def test_export_gives_real_weights_not_rotated_frame(runs, family):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_export_gives_real_weights_not_rotated_frame(runs, family, stage):
+    """theta: the module's weights at the save (under ZeRO-3 as GatheredParameters yields them)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    theta = runs[f"{family}:1:fp32:OrthoAdam:save10"]["weights_at_save"]
-    checkpoint_dir = str(runs["checkpoint_dirs"][family])
+    theta = runs[f"{family}:{stage}:fp32:OrthoAdam:save10"]["weights_at_save"]
+    checkpoint_dir = str(runs["checkpoint_dirs"][(family, stage)])
     exported = export_fp32_state_dict(checkpoint_dir, tag="step10")
     assert max_abs_diff(exported, theta) <= 1e-6
     rotated = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="step10")
     assert max_abs_diff(rotated, theta) > 1e-2
 
 
-@pytest.mark.parametrize("stage,rotation_params", [(0, {}), (1, {}), (2, {}), (1, {"max_rotated_dim": 100})])
+@pytest.mark.parametrize("stage,rotation_params", [(0, {}), (1, {}), (2, {}), (1, {"max_rotated_dim": 100}), (3, {})])
 def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(stage, rotation_params):
     """The usual no-weight-decay group for 1-D parameters. Under ZeRO-1/2 DeepSpeed replaces each group's params by
     its flat partition during initialize; the frame was once read after that and came out empty (plain AdamW).
     ``max_rotated_dim=100``: the vocabulary (256), attention (128) and MLP (160) axes are left unrotated, the hidden
-    axis (64) not."""
+    axis (64) not. ZeRO-3 on one rank: a gather hands out a view of the partition, which must not be rotated in
+    place."""
     init_single_rank_process_group()
     model, reference = tiny_model("llama"), tiny_model("llama")
 
@@ -227,7 +252,45 @@ def test_param_groups_train_as_single_process_orthoadam_with_the_same_groups(sta
         torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad()
-    assert max_abs_diff(engine.module.state_dict(), reference.state_dict()) < 1e-5
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        assert max_abs_diff(engine.module.state_dict(), reference.state_dict()) < 1e-5
+
+
+def test_zero3_with_activation_checkpointing_equals_single_process_orthoadam():
+    """Activation checkpointing re-runs each layer's forward inside the backward, so ZeRO-3 gathers the layer's
+    weights a third time per micro-batch (counted in the first step; from the second on, DeepSpeed keeps this tiny
+    model's layer gathered from the forward to the step: one gather); each gather must yield theta. One rank."""
+    init_single_rank_process_group()
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    # Reentrant: DeepSpeed ZeRO-3 (plain AdamW too) fails torch's non-reentrant checkpoint's saved-tensor check.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    config = {**ds_config(stage=3), "gradient_accumulation_steps": 1}
+    # Released after every use, not kept for a reuse (stage3_max_reuse_distance): each use is a new gather.
+    config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0)
+    engine, *_ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
+    optimizer = OrthoAdam(reference.named_parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                          rotation=ROTATION, seed=SEED)
+    layer_weight = "model.layers.0.mlp.up_proj.weight"
+    rotation, gathers = engine.orthoadam_frame.rotations[layer_weight], [0]
+
+    def counted(x, workspace=None, _unrotate=rotation.unrotate):
+        gathers[0] += 1
+        return _unrotate(x, workspace)
+
+    rotation.unrotate = counted
+    for step in range(3):
+        tokens = micro_batch(step, 0, 0)
+        engine.backward(loss_of(engine, tokens))
+        engine.step()
+        if step == 0:  # forward, recomputation inside the backward, backward: three gathers
+            assert gathers[0] == 3
+        loss_of(reference, tokens).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        assert max_abs_diff(engine.module.state_dict(), reference.state_dict()) < 1e-5
 
 
 @pytest.mark.parametrize("stage,precision,partitions", [(0, "fp32", []), (0, "bf16", []),
@@ -288,7 +351,13 @@ def test_orthoadam_translates_to_deepspeed_adamw_and_other_names_pass_through():
     (_orthoadam_config(max_rotated_dim=0), "optimizer.params.max_rotated_dim"),
     (_orthoadam_config(max_rotated_dim="all"), "optimizer.params.max_rotated_dim"),
     (_orthoadam_config(momentum=0.9), "optimizer.params.momentum"),
-    ({**_orthoadam_config(), "zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+    ({**_orthoadam_config(), "zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
+    ({**_orthoadam_config(), "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}},
+     "zero_optimization.zero_hpz_partition_size"),
+    ({**_orthoadam_config(), "zero_optimization": {"stage": 3, "zero_quantized_weights": True}},
+     "zero_optimization.zero_quantized_weights"),
+    ({**_orthoadam_config(), "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param"),
     ({**_orthoadam_config(), "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
      "zero_optimization.offload_optimizer"),
     ({**_orthoadam_config(), "managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
@@ -323,6 +392,14 @@ def test_the_frame_names_the_axes_it_leaves_unrotated():
     assert f"left unrotated (max_rotated_dim=100, long_axis=hadamard): {name} {dims} ({size}), " in limited.summary()
     assert limited.summary().endswith(" and 12 more")
     assert _hadamard_engine().orthoadam_frame.summary().endswith("; every axis rotated")
+
+
+def test_zero3_module_only_load_is_refused_before_anything_is_loaded(tmp_path):
+    engine = _one_rank_engine(ds_config(stage=3))
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    for kwargs in ({"load_module_only": True}, {"load_optimizer_states": False}):
+        with pytest.raises(RotationMismatchError, match="under ZeRO-3: load the full checkpoint"):
+            engine.load_checkpoint(str(tmp_path), tag="t", **kwargs)
 
 
 def test_per_micro_batch_rotation_with_accumulation_is_announced(recwarn):

@@ -25,11 +25,18 @@ from ds_orthoadam import ds_internals
 from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, tiny_model
 
 
+def module_weights(engine) -> dict:
+    """The module's whole weights: under ZeRO-3 as ``GatheredParameters`` yields them (what an export reads)."""
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                           enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
 def snapshot(engine) -> dict:
     """Everything a skipped step must leave unchanged: module weights, fp32 master, moments and step counts."""
     inner = ds_internals.inner_optimizer(engine)
     return {
-        "module": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+        "module": module_weights(engine),
         "master": [p.detach().clone() for group in inner.param_groups for p in group["params"]],
         "state": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for s in inner.state.values()],
         "exp_avg_full": {n: safe_get_full_optimizer_state(p, "exp_avg").clone()
@@ -54,6 +61,8 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
     option, facts = (option[0] if option else ""), {}
     model = tiny_model(family)
     config = ds_config(int(stage), optimizer, precision)
+    if stage == "3" and family == "llama":  # every parameter released after use: the fetch/prefetch gathers
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # (gpt2: all persistent, the default)
     if option == "overlap":
         config["zero_optimization"]["overlap_comm"] = True
     if option == "accum32":
@@ -65,18 +74,18 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
         facts["master_copy"] = hooks.master_copy
         facts["rotated_params"] = len(engine.orthoadam_frame.params)
     rotate_calls, facts["rotate_calls_per_step"] = count_rotate_calls(engine), []
-    checkpoint_dir = os.path.join(out_dir, f"ckpt-{family}")
+    checkpoint_dir = os.path.join(out_dir, f"ckpt-{family}" + ("-zero3" if stage == "3" else ""))
     first_step = 0
     if option == "resume10":
         load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag="step10")
         assert load_path is not None, checkpoint_dir
         first_step = client_state["next_step"]
         facts["client_state"] = client_state
-        facts["weights_after_load"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        facts["weights_after_load"] = module_weights(engine)
     for step in range(first_step, STEPS):
         if option == "save10" and step == 10:
             engine.save_checkpoint(checkpoint_dir, tag="step10", client_state={"next_step": 10})
-            facts["weights_at_save"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            facts["weights_at_save"] = module_weights(engine)
         overflow = option == "overflow7" and step == 7
         if overflow:
             facts["before_skip"] = snapshot(engine)
@@ -99,7 +108,8 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
                                           for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     facts["param_numel"] = sum(p.numel() for p in engine.module.parameters())
     facts["rotation_nbytes"] = getattr(getattr(engine, "orthoadam_frame", None), "nbytes", 0)
-    facts["final"] = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    facts["persistent_params"] = len(getattr(engine.optimizer, "persistent_parameters", ()))  # ZeRO-3: never released
+    facts["final"] = module_weights(engine)
     all_moment_bytes = [None] * dist.get_world_size()
     torch.distributed.all_gather_object(all_moment_bytes, facts["moment_bytes_this_rank"])
     facts["moment_bytes_per_rank"] = all_moment_bytes
