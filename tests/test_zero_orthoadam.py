@@ -46,9 +46,9 @@ TRAIN_CASES = [
     # ZeRO-3: partitions in the rotated frame, gathered parameters rotated back (weights read through
     # GatheredParameters, as an export does).
     "llama:3:fp32:OrthoAdam:save10", "gpt2:3:fp32:OrthoAdam:save10", "llama:3:fp32:OrthoAdam:overflow7",
-    "llama:3:bf16:OrthoAdam", "llama:3:bf16:AdamW",
+    "llama:3:bf16:OrthoAdam", "llama:3:bf16:AdamW", "llama:3:fp16:OrthoAdam", "llama:3:fp16:AdamW",
 ]
-RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10", "llama:3:fp32:OrthoAdam:resume10"]
+RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10", "llama:3:fp32:OrthoAdam:resume10", "gpt2:3:fp32:OrthoAdam:resume10"]
 
 
 def _launch(out_dir: Path, cases: list[str]) -> None:
@@ -108,7 +108,7 @@ def test_adamw_negative_control_differs_far_more(runs, references, family):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16", 0), ("fp16", 0), ("fp16", 1), ("fp16", 2),
-                                             ("bf16", 3)])
+                                             ("bf16", 3), ("fp16", 3)])
 def test_low_precision_error_is_deepspeeds_own_and_control_differs(runs, references, precision, stage):
     reference, _ = references["llama"]
     initial = tiny_model("llama").state_dict()
@@ -200,9 +200,10 @@ def test_overflow_skip_leaves_params_moments_and_step_count_unchanged(runs, refe
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", [1, 3])
-def test_resume_in_new_process_is_bit_identical(runs, stage):
-    resumed, uninterrupted = runs[f"llama:{stage}:fp32:OrthoAdam:resume10"], runs[f"llama:{stage}:fp32:OrthoAdam:save10"]
+@pytest.mark.parametrize("family,stage", [("llama", 1), ("llama", 3), ("gpt2", 3)])  # ZeRO-3 gpt2: persistent
+def test_resume_in_new_process_is_bit_identical(runs, family, stage):
+    resumed = runs[f"{family}:{stage}:fp32:OrthoAdam:resume10"]
+    uninterrupted = runs[f"{family}:{stage}:fp32:OrthoAdam:save10"]
     assert resumed["client_state"]["next_step"] == 10
     saved = uninterrupted["weights_at_save"]
     assert all(torch.equal(resumed["weights_after_load"][k], saved[k]) for k in saved)
