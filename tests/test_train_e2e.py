@@ -425,6 +425,74 @@ def test_ctrl_c_saves_a_complete_checkpoint_and_exits_nonzero(corpus, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == tags[0]
 
 
+def launch_script(corpus: dict, output_dir: Path, *extra: str, script: str = "train_single_node.sh",
+                  **env_vars: str) -> subprocess.Popen:
+    """A launch script (default: launch/train_single_node.sh on 2 ranks) with the arguments of :func:`launch`, as a
+    job scheduler starts it: in a session of its own, the signals of the test going to the script's process alone."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "NUM_GPUS": "2",
+           "MASTER_PORT": str(free_port()), "VENV": str(Path(sys.executable).parent.parent), **env_vars}
+    command = [str(REPO / "launch" / script), "llama-tiny", "--data", corpus["train"],
+               "--val-data", corpus["val"], "--tokenizer", corpus["tokenizer"], "--seq-len", str(SEQ_LEN),
+               "--val-samples", "8", "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4",
+               "--set", "scheduler.params.warmup_num_steps=2", "--set", "scheduler.params.total_num_steps=1000",
+               "--set", "optimizer.params.lr=0.003", "--optimizer", "orthoadam", "--log-every", "1",
+               "--outlier-every", "0", "--checkpoint-every", "1000", "--no-export", "--output-dir", str(output_dir),
+               *extra]
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_sigterm_to_the_launch_script_saves_a_checkpoint_and_resumes_bit_identically(corpus, tmp_path):
+    """What SLURM preemption or ``kill`` does: SIGTERM to the launch script alone (not to its process group). The
+    script passes it to the ranks, which finish the step, save a complete checkpoint at it and exit 130 (the
+    documented status), and so does the script; ``--resume auto`` then continues with exactly the losses of a run
+    that was never interrupted. Without the forwarding the signal would kill the script and leave the ranks running."""
+    run_dir = tmp_path / "preempted"
+    process = launch_script(corpus, run_dir, "--train-steps", "1000")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output[-4000:]
+    assert "stopped by a signal" in output and "SIGTERM -> training ranks" in output, output[-4000:]
+    stopped_at = max(losses(run_dir))
+    assert complete_tags(run_dir) == [f"global_step{stopped_at}"], output[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{stopped_at}"
+
+    resumed = launch_script(corpus, run_dir, "--train-steps", str(stopped_at + 2), "--resume", "auto")
+    uninterrupted = launch_script(corpus, tmp_path / "uninterrupted", "--train-steps", str(stopped_at + 2))
+    for run in (resumed, uninterrupted):
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-4000:]
+    assert losses(run_dir) == losses(tmp_path / "uninterrupted")
+
+
+def test_two_pseudo_nodes_in_per_node_mode_train_like_one_node_with_two_ranks(corpus, tmp_path):
+    """launch/train_multi_node.sh with NODE_RANK (DeepSpeed's --no_ssh --node_rank, as launch/slurm.sbatch starts
+    it) on two loopback "nodes" of one CPU rank each: the same global batches as one node with 2 ranks, so the same
+    losses. Each node's script checks the inputs and starts only its own rank; no ssh is involved."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    nodes = [launch_script(corpus, tmp_path / "two-nodes", "--train-steps", "3", script="train_multi_node.sh",
+                           HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank))
+             for rank in (0, 1)]
+    one_node = launch_script(corpus, tmp_path / "one-node", "--train-steps", "3")
+    outputs = []
+    for run in (*nodes, one_node):
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-4000:]
+        outputs.append(output)
+    for node_output in outputs[:2]:
+        assert "--node_rank" in node_output and "pdsh" not in node_output, node_output[-4000:]
+    two_nodes = losses(tmp_path / "two-nodes")
+    assert sorted(two_nodes) == [1, 2, 3] and two_nodes == losses(tmp_path / "one-node")
+
+
 def test_non_finite_loss_stops_without_saving_it(corpus, tmp_path):
     run_dir = tmp_path / "diverged"
     returncode, output = launch(corpus, run_dir, "--train-steps", str(STEPS), "--checkpoint-every", "1",
