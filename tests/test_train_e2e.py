@@ -695,3 +695,35 @@ def test_multi_node_script_launches_from_a_hostfile_in_the_callers_directory(cor
     assert keep_deepspeed_env.read_text() == "HF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n"
     assert "on 2 rank(s)" in result.stdout and complete_tags(tmp_path / "multi") == ["global_step2"]
     assert not (REPO / "multi").exists()
+
+
+def test_multi_node_script_over_ssh_runs_the_launcher_on_every_host_through_pdsh(corpus, tmp_path,
+                                                                                 keep_deepspeed_env):
+    """Two hosts, no ssh server: a fake ``pdsh`` on PATH records what DeepSpeed's runner would execute on them. The
+    command reaches both hosts, exports .deepspeed_env's variables, runs launch.py with each host's node rank, the
+    master address and port, in the caller's directory, and then the trainer with the script's arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "pdsh.txt"
+    (bin_dir / "pdsh").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / "pdsh").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    result = _multi_node_script(
+        {"HOSTFILE": str(hostfile), "MASTER_ADDR": "node-a", "MASTER_PORT": "29612",
+         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DS_LAUNCHER_ARGS": "--no_ssh_check",
+         "DS_ENV_VARS": "HF_HUB_OFFLINE"},
+        "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"], "--tokenizer", corpus["tokenizer"],
+        "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4", "--output-dir", "shared-run",
+        cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    arguments = record.read_text().splitlines()
+    assert arguments[arguments.index("-w") + 1] == "node-a,node-b"
+    remote = " ".join(arguments[arguments.index("-w") + 2:])
+    assert "export HF_HUB_OFFLINE=1;" in remote and f"cd {tmp_path};" in remote
+    assert "-m deepspeed.launcher.launch" in remote and "--node_rank=%n" in remote
+    assert "--master_addr=node-a" in remote and "--master_port=29612" in remote
+    assert " --module " in remote and remote.endswith(f" ds_orthoadam.train --model llama-tiny --data {corpus['train']} --val-data "
+                           f"{corpus['val']} --tokenizer {corpus['tokenizer']} --set train_batch_size=8 --set "
+                           "train_micro_batch_size_per_gpu=4 --output-dir shared-run"), remote
+    assert not (tmp_path / "shared-run" / "checkpoints").exists()  # nothing trained here: pdsh was a recorder
