@@ -727,3 +727,83 @@ def test_multi_node_script_over_ssh_runs_the_launcher_on_every_host_through_pdsh
                            f"{corpus['val']} --tokenizer {corpus['tokenizer']} --set train_batch_size=8 --set "
                            "train_micro_batch_size_per_gpu=4 --output-dir shared-run"), remote
     assert not (tmp_path / "shared-run" / "checkpoints").exists()  # nothing trained here: pdsh was a recorder
+
+
+def _rank_processes(launcher: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for child in children:
+        try:
+            if any(argument.startswith("--local_rank=") for argument in child.cmdline()):
+                ranks.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return ranks
+
+
+def _incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    return [tag for tag in (run_dir / "checkpoints").glob("global_step*") if not (tag / COMPLETE_MARKER).exists()]
+
+
+def _checkpoint_weights(run_dir: Path) -> dict:
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def test_kill_9_chaos_resumes_bit_identically(corpus, tmp_path):
+    """SIGKILL one rank (chosen at random, seeded) of a 2-rank ZeRO-1 OrthoAdam fp32 run, four times -- twice while a
+    checkpoint is being written (its directory exists, its completion marker not yet), twice between steps -- and
+    resume with --resume auto after each. ``latest`` never names an incomplete checkpoint, a half-written one is
+    removed (and said so) by the next run, --keep-checkpoints still bounds what is kept, and the final weights and
+    every logged loss equal an uninterrupted run's bit for bit."""
+    import random
+
+    seed = random.randrange(10**6)
+    print(f"chaos seed {seed}")
+    rng = random.Random(seed)
+    steps, common = 12, ("--optimizer", "orthoadam", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+                         "--log-every", "1", "--outlier-every", "0", "--eval-every", "0", "--no-export",
+                         "--set", "scheduler.params.total_num_steps=12")
+    reference = launch(corpus, tmp_path / "uninterrupted", "--train-steps", str(steps), *common, wait=False)
+    run_dir = tmp_path / "chaos"
+    kills_in_save, outputs = 0, []
+    for moment in ("save", "step", "save", "step"):
+        process = launch(corpus, run_dir, "--train-steps", str(steps), "--resume", "auto", *common, wait=False)
+        start = len(losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        wait_for = start + rng.randint(1, 2)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if moment == "save" and _incomplete_checkpoints(run_dir):
+                break
+            if moment == "step" and (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= wait_for:
+                break
+            time.sleep(0.002)
+        ranks = _rank_processes(process)
+        assert ranks and process.poll() is None, "the run ended before the kill"
+        victim = rng.choice(ranks)
+        in_save = bool(_incomplete_checkpoints(run_dir))
+        victim.kill()
+        output, _ = process.communicate(timeout=300)
+        outputs.append(output)
+        assert process.returncode != 0
+        kills_in_save += in_save and bool(_incomplete_checkpoints(run_dir))
+        latest = run_dir / "checkpoints" / "latest"
+        assert not latest.exists() or (run_dir / "checkpoints" / latest.read_text() / COMPLETE_MARKER).exists()
+    assert kills_in_save >= 1, "no kill landed inside a checkpoint save"
+    final = launch(corpus, run_dir, "--train-steps", str(steps), "--resume", "auto", *common, wait=False)
+    for run in (final, reference):
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-4000:]
+        outputs.append(output)
+    assert any("removing incomplete checkpoint" in output for output in outputs[1:])
+    # every row, in file order: no step lost, none logged twice
+    assert metric_rows(run_dir, "Train/loss") == metric_rows(tmp_path / "uninterrupted", "Train/loss")
+    assert complete_tags(run_dir) == [f"global_step{steps - 2}", f"global_step{steps}"]
+    assert not _incomplete_checkpoints(run_dir)
+    chaos, uninterrupted = _checkpoint_weights(run_dir), _checkpoint_weights(tmp_path / "uninterrupted")
+    assert chaos.keys() == uninterrupted.keys() and all(torch.equal(chaos[k], uninterrupted[k]) for k in chaos)
