@@ -83,6 +83,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _differing_fields(recorded: dict, identity: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"data_policy.world_size": (recorded, this run), ...}``: the leaves where ``identity`` differs from the
+    recorded one, nested dictionaries followed (a refusal names the fields, not two whole dictionaries)."""
+    differences = {}
+    for key, value in identity.items():
+        old = recorded.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            differences.update(_differing_fields(old, value, f"{prefix}{key}."))
+        elif old != value:
+            differences[f"{prefix}{key}"] = (old, value)
+    return differences
+
+
 def _gather(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (a list of one element without a process group)."""
     if not dist.is_initialized():
@@ -144,8 +157,7 @@ class CheckpointManager:
         # Only complete checkpoints are worth protecting: incomplete ones are removed below anyway.
         has_checkpoints = bool(self.complete_tags())
         if has_checkpoints:
-            differences = {key: (recorded.get(key), value) for key, value in identity.items()
-                           if recorded.get(key) != value}
+            differences = _differing_fields(recorded, identity)
             if differences:
                 listed = "; ".join(f"{key}: checkpoint has {old!r}, this run {new!r}"
                                    for key, (old, new) in differences.items())

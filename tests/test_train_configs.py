@@ -250,6 +250,20 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
         manager.claim(identity, "auto")
 
 
+def test_a_refusal_names_only_the_nested_fields_that_differ(tmp_path):
+    """Another world size changes one field of the data policy: the message names that field, not the two dicts."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    policy = {"source": "c4", "seed": 0, "world_size": 2, "bos": True}
+    identity = {"model_args": {"name": "llama-tiny"}, "optimizer": "OrthoAdam", "data_policy": policy}
+    manager.claim(identity, "auto")
+    _fake_checkpoint(manager, 10, complete=True)
+    with pytest.raises(CheckpointError) as refused:
+        manager.claim({**identity, "data_policy": {**policy, "world_size": 1}}, "auto")
+    message = str(refused.value)
+    assert "data_policy.world_size: checkpoint has 2, this run 1" in message
+    assert "source" not in message and "seed" not in message and "model_args" not in message
+
+
 @pytest.mark.parametrize("content, message", [('{"model_args": ', "is not valid JSON"),
                                               (b"\xff\xfe{}", "is not valid JSON"),
                                               ("[1]", "does not hold a JSON object")])
