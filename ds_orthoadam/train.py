@@ -242,10 +242,15 @@ def run_identity(args: argparse.Namespace, model_args: dict, ds_config: dict, da
 
     ``data_policy`` (source, BOS/EOS and packing policy, seed, ranks) is recorded so that "first token" means the
     same thing in every analysis of the run.
+
+    ``weight_decay_on`` is recorded only where it is not ``all``: runs recorded before the option existed decayed
+    every parameter, so they resume with ``--weight-decay-on all`` (and are refused, naming the field, without it).
     """
-    return {"model_args": model_args, "optimizer": run_config.optimizer_type(ds_config),
-            "weight_decay_on": args.weight_decay_on, "data": args.data,
-            "tokenizer": str(args.tokenizer), "data_policy": data_policy}
+    identity = {"model_args": model_args, "optimizer": run_config.optimizer_type(ds_config), "data": args.data,
+                "tokenizer": str(args.tokenizer), "data_policy": data_policy}
+    if args.weight_decay_on != "all":
+        identity["weight_decay_on"] = args.weight_decay_on
+    return identity
 
 
 class StopRequest:

@@ -59,3 +59,25 @@ def test_a_step_with_zero_gradient_only_decays_what_the_groups_say(optimizer, we
     for name, p in engine.module.named_parameters():
         factor = 1.0 if name in exempt else 1.0 - lr * weight_decay
         torch.testing.assert_close(p.detach(), before[name] * factor, rtol=0, atol=2e-6, msg=name)
+
+
+def test_runs_recorded_before_the_option_resume_with_all_and_are_refused_with_the_default(tmp_path):
+    """A run.json written before --weight-decay-on existed has no such field; those runs decayed every parameter."""
+    from ds_orthoadam.checkpointing import COMPLETE_MARKER, CheckpointError, CheckpointManager
+    from ds_orthoadam.train import run_identity
+
+    def identity(weight_decay_on: str) -> dict:
+        args = build_parser().parse_args(["--model", "llama-tiny", "--data", "d", "--tokenizer", "t", "--output-dir",
+                                          str(tmp_path), "--weight-decay-on", weight_decay_on])
+        return run_identity(args, {"name": "llama-tiny"}, {"optimizer": {"type": "AdamW"}}, {"world_size": 2})
+
+    old_identity = identity("all")
+    assert "weight_decay_on" not in old_identity and identity("matrices")["weight_decay_on"] == "matrices"
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.claim(old_identity, "auto")
+    tag = manager.checkpoint_dir / "global_step2"
+    tag.mkdir(parents=True)
+    (tag / COMPLETE_MARKER).write_text("{}")
+    assert manager.claim(identity("all"), "auto") == "global_step2"
+    with pytest.raises(CheckpointError, match="weight_decay_on: checkpoint has None, this run 'matrices'"):
+        manager.claim(identity("matrices"), "auto")
