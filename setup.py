@@ -23,6 +23,7 @@ setup(
         "torch>=2.13",
         "deepspeed==0.19.8",
         "transformers==5.24.0",
+        "accelerate==1.16.0",  # transformers requires it for its DeepSpeed ZeRO-3 integration (models.py)
         "datasets==5.2.0",
         "sentencepiece==0.2.3",
         "tensorboard==2.21.0",

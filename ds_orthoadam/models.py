@@ -242,12 +242,40 @@ def build_model(
     return model_cls(config)
 
 
+def build_partitioned_model(ds_config: dict, name: str, **build_kwargs) -> PreTrainedModel:
+    """:func:`build_model` constructed under ``deepspeed.zero.Init`` for a ZeRO-3 ``ds_config``: every parameter is
+    partitioned across the ranks as it is created, so no rank ever holds the whole model (a 7B model does not fit one
+    32 GB V100 in fp32). Collective: every rank must call it.
+
+    Built through transformers' own DeepSpeed integration (``HfDeepSpeedConfig`` + ``from_config``), which enters
+    ``zero.Init`` and then runs the model's ``_init_weights`` on each module's gathered parameters (rank 0
+    initialises, DeepSpeed broadcasts); a bare ``zero.Init`` around the constructor would leave the default
+    ``nn.Linear`` initialisation, since the parameters are already empty partitions when ``post_init`` runs. The
+    integration's global setting is dropped again afterwards: left on, transformers would enter ``zero.Init`` (a
+    collective) in any later ``from_config``, e.g. the export on rank 0 alone.
+    """
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = build_config(name, **build_kwargs)
+    integration = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers holds only a weak reference to it)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied embeddings are counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 
+def build_meta_model(name: str, **build_kwargs) -> PreTrainedModel:
+    """:func:`build_model` on the meta device: shapes and config without memory, e.g. to count the parameters of a
+    model that is partitioned (ZeRO-3) or too large for this machine."""
+    with torch.device("meta"):
+        return build_model(name, **build_kwargs)
+
+
 def meta_parameter_count(name: str, **build_kwargs) -> int:
     """Parameter count of a named model built on the meta device (no memory is allocated)."""
-    with torch.device("meta"):
-        return count_parameters(build_model(name, **build_kwargs))
+    return count_parameters(build_meta_model(name, **build_kwargs))

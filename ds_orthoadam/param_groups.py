@@ -19,6 +19,12 @@ import torch
 WEIGHT_DECAY_CHOICES = ("matrices", "all")
 
 
+def full_shape(parameter: torch.nn.Parameter) -> torch.Size:
+    """The parameter's whole shape, also when ZeRO-3 (``deepspeed.zero.Init``) has partitioned it: its local data
+    is then an empty 1-D tensor and DeepSpeed keeps the shape in ``ds_shape``."""
+    return getattr(parameter, "ds_shape", parameter.shape)
+
+
 def optimizer_groups(model: torch.nn.Module, weight_decay_on: str) -> list[dict]:
     """The parameter groups for the optimiser: ``[{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]``
     (an empty group is left out; the config's weight decay applies to the first)."""
@@ -27,7 +33,7 @@ def optimizer_groups(model: torch.nn.Module, weight_decay_on: str) -> list[dict]
     parameters = list(model.parameters())
     if weight_decay_on == "all":
         return [{"params": parameters}]
-    decayed = [p for p in parameters if p.dim() >= 2]
-    exempt = [p for p in parameters if p.dim() < 2]
+    decayed = [p for p in parameters if len(full_shape(p)) >= 2]
+    exempt = [p for p in parameters if len(full_shape(p)) < 2]
     groups = [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]

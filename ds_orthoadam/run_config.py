@@ -181,6 +181,12 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def zero_stage(config: dict) -> int:
+    """The config's ZeRO stage (0 when absent); 3 partitions the parameters themselves."""
+    check_zero_stage(config)
+    return section(config, "zero_optimization").get("stage", 0)
+
+
 def check_zero_stage(config: dict) -> None:
     """zero_optimization must be an object whose stage (default 0) is 0..3: DeepSpeed fails on anything else with a
     pydantic dump or a TypeError deep inside initialize."""

@@ -172,14 +172,18 @@ class Telemetry:
     """
 
     def __init__(self, engine, *, tokens_per_step: int, flops_per_token: float, peak_tflops: float | None,
-                 world_size: int, total_steps: int, rank: int, metrics_file: Path) -> None:
-        """``peak_tflops`` per device; None: MFU is not reported (no ``Perf/mfu``, no MFU in progress lines)."""
+                 world_size: int, total_steps: int, rank: int, metrics_file: Path,
+                 collective_forward: bool = False) -> None:
+        """``peak_tflops`` per device; None: MFU is not reported (no ``Perf/mfu``, no MFU in progress lines).
+        ``collective_forward``: the module's parameters are partitioned (ZeRO-3), so every rank must join the
+        outlier probe's forward (each gathers the parameters with all the others); rank 0 still reports alone."""
         self.engine = engine
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_tflops * 1e12 * world_size if peak_tflops is not None else None
         self.total_steps = total_steps
         self.is_rank0 = rank == 0
+        self.collective_forward = collective_forward
         self.metrics_file = metrics_file
         self._window_start = time.perf_counter()
         self._window_steps = 0
@@ -278,10 +282,14 @@ class Telemetry:
         return scalars
 
     def outliers(self, step: int, model: nn.Module, probe_ids: torch.Tensor) -> dict[str, float]:
-        """Outlier telemetry on the fixed probe batch (rank 0 only; other ranks go on to the next collective)."""
-        if not self.is_rank0:
+        """Outlier telemetry on the fixed probe batch, reported by rank 0. Without ``collective_forward`` only rank 0
+        runs the probe and the other ranks go on to the next collective; with it, every rank runs the forward on its
+        own probe batch (same shapes) and only rank 0's metrics are kept."""
+        if not self.is_rank0 and not self.collective_forward:
             return {}
         metrics = outlier_metrics(model, probe_ids)  # restores train mode and attention implementation itself
+        if not self.is_rank0:
+            return {}
         self._write(step, {OUTLIER_PREFIX + name: float(value) for name, value in metrics.items()})
         headline = ", ".join(f"{name} {metrics[name]:.3g}" for name in HEADLINE_OUTLIER_METRICS)
         self.print(f"step {step:>6}/{self.total_steps} | outliers: {headline}")

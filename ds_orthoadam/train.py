@@ -39,7 +39,8 @@ from ds_orthoadam.distributed import agree, process_rank, single_process_default
 from ds_orthoadam.errors import UserError, summary
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
 from ds_orthoadam.export import export_checkpoint
-from ds_orthoadam.models import ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, build_model
+from ds_orthoadam.models import (ATTENTION_CHOICES, MODEL_SPECS, NORM_CHOICES, build_meta_model, build_model,
+                                  build_partitioned_model)
 from ds_orthoadam.param_groups import WEIGHT_DECAY_CHOICES, optimizer_groups
 from ds_orthoadam.telemetry import Telemetry, flops_per_token, peak_tflops_for_device
 from ds_orthoadam.zero_orthoadam import DeepSpeedConfigError
@@ -294,8 +295,12 @@ class Trainer:
         check_resume_reaches(resume_tag, self.total_steps)
 
         torch.manual_seed(args.seed)
-        model = build_model(**self.model_args)
-        self.flops_per_token = flops_per_token(model, args.seq_len)
+        # ZeRO-3: the parameters are partitioned from construction on, and every forward is a collective that all
+        # ranks join (evaluation, outlier telemetry); the FLOP count reads the shapes of a meta-device twin.
+        self.partitioned = run_config.zero_stage(ds_config) == 3
+        model = (build_partitioned_model(ds_config, **self.model_args) if self.partitioned
+                 else build_model(**self.model_args))
+        self.flops_per_token = flops_per_token(build_meta_model(**self.model_args), args.seq_len)
         self.engine = initialize_engine(model, ds_config, args.weight_decay_on)
         self.device = self.engine.device
         self.validation = make_validation_batches(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
@@ -308,7 +313,7 @@ class Trainer:
         self.telemetry = Telemetry(self.engine, tokens_per_step=self.tokens_per_step,
                                    flops_per_token=self.flops_per_token, peak_tflops=self.peak_tflops(),
                                    world_size=self.world_size, total_steps=self.total_steps, rank=self.rank,
-                                   metrics_file=self.output_dir / "metrics.jsonl")
+                                   metrics_file=self.output_dir / "metrics.jsonl", collective_forward=self.partitioned)
         self.telemetry.start_at(self.step)  # a resumed run logs steps after the checkpoint once, not twice
         self.stop = StopRequest()
         self.last_saved_step = self.step
@@ -393,7 +398,7 @@ class Trainer:
             self.save()
 
     def evaluate(self) -> float:
-        loss = validation_loss(self.engine.module, self.validation, self.device)
+        loss = validation_loss(self.engine.module, self.validation, self.device, collective=self.partitioned)
         self.telemetry.validation(self.step, loss)
         return loss
 
