@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ds_orthoadam import ds_internals
 from ds_orthoadam.errors import UserError, summary
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -250,7 +251,8 @@ class CheckpointManager:
         (data position, RNG) and is gathered so that each rank gets its own back on resume.
         """
         tag = tag_for_step(step)
-        client_state = {CLIENT_STATE_KEY: {**shared_state, "per_rank": _gather(rank_state)}}
+        client_state = {CLIENT_STATE_KEY: {**shared_state, "per_rank": _gather(rank_state)},
+                        **ds_internals.universal_checkpoint_info()}  # convertible by ds_to_universal
         if _is_rank0():  # a tag saved again is invisible until the new save completes (not complete with old files)
             (self.checkpoint_dir / tag / COMPLETE_MARKER).unlink(missing_ok=True)
         _barrier()

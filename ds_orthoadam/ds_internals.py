@@ -42,7 +42,13 @@ fails loudly there instead of silently training in the wrong frame (or logging a
     partitions by ``refresh_fp32_params`` (:func:`rewrite_zero3_partitions`);
 13. ZeRO-3 registers its gradient reduction as a post-accumulate-grad hook (``register_grad_hook``), so a tensor hook
     on the parameter hands it the gradient it reduce-scatters (:func:`zero3_reduces_after_tensor_hooks`);
-14. ZeRO-3 writes its model states as ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (:func:`checkpoint_client_state`).
+14. ZeRO-3 writes its model states as ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (:func:`checkpoint_client_state`);
+15. DeepSpeed's universal-checkpoint converter (``deepspeed.checkpoint.ds_to_universal``) refuses a checkpoint whose
+    model states lack a top-level ``universal_checkpoint_info`` (Megatron-DeepSpeed records it; DeepSpeed's engine
+    does not), and for a model without tensor/pipeline parallelism the version entry alone is what its
+    ``--inject_missing_state`` adds (:func:`universal_checkpoint_info`); loading one (``load_universal``) at ZeRO
+    0-2 ends with ``optimizer.update_lp_params()``, which copies the fp32 master into the module's parameters
+    (:func:`universal_load_copies_master_into_module`).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
@@ -56,7 +62,9 @@ from typing import Callable, Iterable
 
 import deepspeed
 import torch
-from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+from deepspeed.checkpoint.constants import (OPTIMIZER_STATE_DICT, UNIVERSAL_CHECKPOINT_INFO,
+                                           UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+                                           ZERO_STAGE)
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -292,6 +300,20 @@ def weights_only_in_model_states(checkpoint_dir: str, tag: str | None, saved: di
         state = torch.load(partitions[0], map_location="cpu", weights_only=False, mmap=True)
         return ZERO_STAGE not in state.get(OPTIMIZER_STATE_DICT, {})
     return saved.get("optimizer") is not None
+
+
+def universal_checkpoint_info() -> dict:
+    """``client_state`` entry that makes a checkpoint convertible by ``ds_to_universal`` (to resume it on another
+    data-parallel size with ``"checkpoint": {"load_universal": true}``): DeepSpeed saves ``client_state`` keys at
+    the top level of the model-states file, where the converter looks for it. No tensor/pipeline parallelism here,
+    so the version entry is all it holds (the converter's own ``--inject_missing_state`` adds the same)."""
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def universal_load_copies_master_into_module(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """Whether ``engine.load_checkpoint`` reads a universal checkpoint and then overwrites the module's parameters
+    with the loaded fp32 master (``update_lp_params``, ZeRO 0-2: the engine's epilogue of a universal load)."""
+    return engine.load_universal_checkpoint() and not engine.zero_optimization_partition_weights()
 
 
 def skip_shm_comm_build() -> None:

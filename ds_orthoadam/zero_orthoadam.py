@@ -529,6 +529,10 @@ class OrthoAdamEngineHooks:
             # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint,
             # so the resumed run is bit-identical, in the frame the checkpoint's moments live in.
             self._follow_saved_rotations(saved, load_path)
+            if ds_internals.universal_load_copies_master_into_module(self.engine):
+                # A universal checkpoint (another data-parallel size) restores the master and moments, which are
+                # phi in the saved frame, and DeepSpeed then copies the master into the module: back to theta.
+                self.frame.unrotate_params_()
         return load_path, client_state
 
 
