@@ -162,6 +162,11 @@ class CheckpointManager:
             if differences:
                 listed = "; ".join(f"{key}: checkpoint has {old!r}, this run {new!r}"
                                    for key, (old, new) in differences.items())
+                if set(differences) == {"data_policy.world_size"}:
+                    ranks = differences["data_policy.world_size"][0]
+                    raise CheckpointError(f"{self.output_dir} holds checkpoints written by {ranks} ranks ({listed}): "
+                                          f"resume it on {ranks} ranks (e.g. deepspeed --num_gpus {ranks}); resuming "
+                                          "on another number of ranks is not supported yet (docs/training.md)")
                 raise CheckpointError(f"{self.output_dir} holds checkpoints of another run ({listed}); choose a new "
                                       "--output-dir or repeat the original run's settings to resume it")
             if resume == "none":

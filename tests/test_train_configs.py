@@ -262,6 +262,19 @@ def test_a_refusal_names_only_the_nested_fields_that_differ(tmp_path):
     message = str(refused.value)
     assert "data_policy.world_size: checkpoint has 2, this run 1" in message
     assert "source" not in message and "seed" not in message and "model_args" not in message
+    assert "resume it on 2 ranks (e.g. deepspeed --num_gpus 2)" in message
+
+
+def test_a_refusal_for_another_world_size_and_another_field_names_both_and_the_general_fix(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    identity = {"optimizer": "OrthoAdam", "data_policy": {"seed": 0, "world_size": 2}}
+    manager.claim(identity, "auto")
+    _fake_checkpoint(manager, 10, complete=True)
+    with pytest.raises(CheckpointError) as refused:
+        manager.claim({"optimizer": "AdamW", "data_policy": {"seed": 0, "world_size": 1}}, "auto")
+    message = str(refused.value)
+    assert "optimizer: checkpoint has 'OrthoAdam', this run 'AdamW'" in message
+    assert "data_policy.world_size: checkpoint has 2, this run 1" in message and "choose a new --output-dir" in message
 
 
 @pytest.mark.parametrize("content, message", [('{"model_args": ', "is not valid JSON"),
