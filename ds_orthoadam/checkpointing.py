@@ -17,6 +17,14 @@ being written therefore never becomes latest; its directory (no marker) is remov
 ``client_state`` carries the training step, tokens seen, the run identity and, per rank (gathered, since DeepSpeed
 stores client_state from rank 0 only), the data-stream position and RNG states, so that ``--resume auto`` continues
 with exactly the batch and random state an uninterrupted run would have had.
+
+Another number of ranks. A checkpoint whose ZeRO 1/2 optimizer state is partitioned over another number of ranks is
+converted to DeepSpeed's universal checkpoint (``checkpoints/universal/<tag>``, by rank 0, removed once every rank
+has loaded it) and loaded with ``"checkpoint": {"load_universal": true}``: every parameter's fp32 weights, moments
+and step are re-partitioned whole. OrthoAdam's state needs nothing more: its master weights and moments are
+DeepSpeed's own, in the rotated frame, and its rotations are a function of the recorded spec and each parameter's
+name and shape, not of the partitioning. Stage 0 (fp32) keeps the optimizer state whole in the model-states file
+and loads as it is.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from ds_orthoadam.errors import UserError, summary
 CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "run.json"
 COMPLETE_MARKER = "ds_orthoadam_complete.json"
+UNIVERSAL_SUBDIR = "universal"  # a conversion for another number of ranks, removed after loading; never a tag
 SUPERSEDED_SUBDIR = "superseded"  # checkpoints abandoned by resuming from an older tag; never a tag (TAG_PATTERN)
 CLIENT_STATE_KEY = "ds_orthoadam"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -136,6 +145,17 @@ class CheckpointManager:
         tags = self.complete_tags()
         return tags[-1] if tags else None
 
+    def partition_count(self, tag: str) -> int:
+        """Ranks over which checkpoint ``tag``'s optimizer state is partitioned (0: not partitioned, ZeRO stage 0)."""
+        return ds_internals.checkpoint_partition_count(self.checkpoint_dir / tag)
+
+    def recorded_identity(self) -> dict | None:
+        """The identity (``run.json``) of the run whose complete checkpoints the directory holds; None if none."""
+        run_file = self.output_dir / RUN_FILE
+        if not self.complete_tags() or not run_file.is_file():
+            return None
+        return self._recorded_identity(run_file)
+
     def holds_checkpoints(self) -> bool:
         """Whether anything checkpoint-like (ours or a bare DeepSpeed one) is in the output directory."""
         return bool(self._tag_dirs()) or (self.checkpoint_dir / "latest").exists()
@@ -162,11 +182,6 @@ class CheckpointManager:
             if differences:
                 listed = "; ".join(f"{key}: checkpoint has {old!r}, this run {new!r}"
                                    for key, (old, new) in differences.items())
-                if set(differences) == {"data_policy.world_size"}:
-                    ranks = differences["data_policy.world_size"][0]
-                    raise CheckpointError(f"{self.output_dir} holds checkpoints written by {ranks} ranks ({listed}): "
-                                          f"resume it on {ranks} ranks (e.g. deepspeed --num_gpus {ranks}); resuming "
-                                          "on another number of ranks is not supported yet (docs/training.md)")
                 raise CheckpointError(f"{self.output_dir} holds checkpoints of another run ({listed}); choose a new "
                                       "--output-dir or repeat the original run's settings to resume it")
             if resume == "none":
@@ -221,7 +236,13 @@ class CheckpointManager:
         return resume
 
     def _remove_incomplete(self) -> None:
-        """Delete tag directories without a completion marker: saves that were interrupted (never loadable)."""
+        """Delete tag directories without a completion marker: saves that were interrupted (never loadable); and a
+        universal conversion left by a run that stopped before loading it."""
+        universal = self.checkpoint_dir / UNIVERSAL_SUBDIR
+        if universal.is_dir():
+            print(f"[checkpoint] removing {universal} (a conversion for another number of ranks, left by a run that "
+                  "stopped while loading it)", flush=True)
+            shutil.rmtree(universal)
         for _, path in self._tag_dirs():
             if not (path / COMPLETE_MARKER).is_file():
                 print(f"[checkpoint] removing incomplete checkpoint {path} (its save was interrupted)", flush=True)
@@ -272,24 +293,45 @@ class CheckpointManager:
         _barrier()
         return tag
 
-    def load(self, engine, tag: str) -> tuple[dict, dict]:
-        """Load checkpoint ``tag`` into ``engine``: (shared state, this rank's state)."""
+    def load(self, engine, tag: str, universal: bool = False) -> tuple[dict, list[dict]]:
+        """Load checkpoint ``tag`` into ``engine``: (shared state, every saving rank's state, in rank order).
+
+        ``universal``: the engine loads universal checkpoints (:func:`ds_internals.load_universal`) because ``tag``
+        was partitioned over another number of ranks; it is converted first (collective)."""
+        load_dir = self.checkpoint_dir
+        if universal:
+            load_dir = self._convert_to_universal(tag)
         try:
-            load_path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
-        except (OSError, RuntimeError, KeyError, AttributeError, TypeError, ValueError) as error:
+            load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        except (OSError, RuntimeError, KeyError, AttributeError, TypeError, ValueError, AssertionError) as error:
             # AttributeError & co.: DeepSpeed reading a checkpoint of another layout (e.g. another ZeRO stage)
             others = [other for other in self.complete_tags() if other != tag]
             raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded ({summary(error)}); "
                                   f"resume from another complete checkpoint (--resume TAG: "
                                   f"{', '.join(others) or 'none'}) or start a new --output-dir") from error
+        if universal:
+            _barrier()  # every rank has read the conversion
+            if _is_rank0():
+                shutil.rmtree(load_dir)
         if load_path is None or CLIENT_STATE_KEY not in (client_state or {}):
             raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded or lacks the trainer "
                                   "state; resume from another tag (--resume TAG) or start a new --output-dir")
         state = dict(client_state[CLIENT_STATE_KEY])
-        per_rank = state.pop("per_rank")
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if len(per_rank) != world_size:
-            raise CheckpointError(f"checkpoint {tag} was written by {len(per_rank)} ranks but this run has "
-                                  f"{world_size}; resume with the same number of ranks (data positions are per rank)")
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return state, per_rank[rank]
+        return state, state.pop("per_rank")
+
+    def _convert_to_universal(self, tag: str) -> Path:
+        """``checkpoints/universal``, holding ``tag`` as a universal checkpoint (rank 0 converts; collective). A
+        conversion left by an interrupted run is redone: it is derived data, never a checkpoint of its own."""
+        root = self.checkpoint_dir / UNIVERSAL_SUBDIR
+        if _is_rank0():
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"[checkpoint] {tag} was saved by {self.partition_count(tag)} ranks: converting it to a DeepSpeed "
+                  f"universal checkpoint in {root} (removed once loaded)", flush=True)
+            try:
+                ds_internals.convert_to_universal(self.checkpoint_dir / tag, root / tag)
+            except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as error:
+                raise CheckpointError(f"checkpoint {self.checkpoint_dir / tag} could not be converted for another "
+                                      f"number of ranks ({summary(error)}); resume it with the number of ranks that "
+                                      "saved it") from error
+        _barrier()
+        return root

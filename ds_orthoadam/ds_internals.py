@@ -43,19 +43,26 @@ fails loudly there instead of silently training in the wrong frame (or logging a
 13. ZeRO-3 registers its gradient reduction as a post-accumulate-grad hook (``register_grad_hook``), so a tensor hook
     on the parameter hands it the gradient it reduce-scatters (:func:`zero3_reduces_after_tensor_hooks`);
 14. ZeRO-3 writes its model states as ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (:func:`checkpoint_client_state`);
-15. DeepSpeed's universal-checkpoint converter (``deepspeed.checkpoint.ds_to_universal``) refuses a checkpoint whose
-    model states lack a top-level ``universal_checkpoint_info`` (Megatron-DeepSpeed records it; DeepSpeed's engine
-    does not), and for a model without tensor/pipeline parallelism the version entry alone is what its
-    ``--inject_missing_state`` adds (:func:`universal_checkpoint_info`); loading one (``load_universal``) at ZeRO
-    0-2 ends with ``optimizer.update_lp_params()``, which copies the fp32 master into the module's parameters
-    (:func:`universal_load_copies_master_into_module`).
+15. resuming on another number of ranks (:func:`checkpoint_partition_count`, :func:`convert_to_universal`,
+    :func:`load_universal`): ZeRO 1/2 write one ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per data-parallel
+    rank (stage 0 in fp32 none). DeepSpeed's universal-checkpoint converter (``deepspeed.checkpoint.ds_to_universal``,
+    its ``main`` takes its command line's namespace) refuses a checkpoint whose model states lack a top-level
+    ``universal_checkpoint_info`` (Megatron-DeepSpeed records it; DeepSpeed's engine does not): the trainer records
+    it (:func:`universal_checkpoint_info`, the version entry alone for a model without tensor/pipeline parallelism,
+    what ``--inject_missing_state`` adds). An engine built with ``"checkpoint": {"load_universal": true}`` loads the
+    per-parameter files from ``<load_dir>/<tag>/zero`` and then, below ZeRO-3, sets the module's parameters from the
+    fp32 master (``update_lp_params``), not from the checkpoint's module weights, so under OrthoAdam the module holds
+    phi after such a load (:func:`load_sets_module_from_master`).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
+import io
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -310,9 +317,33 @@ def universal_checkpoint_info() -> dict:
     return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
-def universal_load_copies_master_into_module(engine: "deepspeed.DeepSpeedEngine") -> bool:
-    """Whether ``engine.load_checkpoint`` reads a universal checkpoint and then overwrites the module's parameters
-    with the loaded fp32 master (``update_lp_params``, ZeRO 0-2: the engine's epilogue of a universal load)."""
+def checkpoint_partition_count(tag_dir: str | os.PathLike) -> int:
+    """Data-parallel ranks whose ZeRO optimizer partitions a checkpoint holds (one file each); 0 where the optimizer
+    state is not partitioned (stage 0 in fp32: it is in the model-states file, whole)."""
+    return len(list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def convert_to_universal(tag_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """DeepSpeed's universal checkpoint of ``tag_dir`` (ZeRO 1/2) in ``output_dir``: every parameter's fp32 weights,
+    moments and step whole, under ``output_dir/zero/<name>/``, plus the model-states file (client state)."""
+    from deepspeed.checkpoint import ds_to_universal  # a command-line module: imported only when converting
+
+    options = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(output_dir), num_extract_workers=1,
+                                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        ds_to_universal.main(options)
+
+
+def load_universal(config: dict) -> dict:
+    """``config`` for an engine that loads universal checkpoints (:func:`convert_to_universal`); after such a load the
+    module's parameters are set from the fp32 master."""
+    checkpoint = {**config.get("checkpoint", {}), "load_universal": True}
+    return {**config, "checkpoint": checkpoint}
+
+
+def load_sets_module_from_master(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """Whether ``engine.load_checkpoint`` sets the module's parameters from the loaded fp32 master instead of the
+    checkpoint's module weights: a universal load below ZeRO-3 (``update_lp_params``)."""
     return engine.load_universal_checkpoint() and not engine.zero_optimization_partition_weights()
 
 

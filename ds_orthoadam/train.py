@@ -33,8 +33,8 @@ import ds_orthoadam  # registers softmax-1 with transformers; initialize() knows
 from ds_orthoadam import ds_internals, run_config
 from ds_orthoadam.checkpointing import TAG_PATTERN, CheckpointError, CheckpointManager, rng_state, set_rng_state
 from ds_orthoadam.cli import EXIT_BAD_INPUT, integer_at_least, positive_number, report_error, run_main
-from ds_orthoadam.data import (DataError, TrainStream, load_tokenizer, resolve_source, validation_batches,
-                               validation_source)
+from ds_orthoadam.data import (DataError, RankBatches, TrainStream, load_tokenizer, resolve_source,
+                               validation_batches, validation_source)
 from ds_orthoadam.distributed import agree, process_rank, single_process_defaults
 from ds_orthoadam.errors import UserError, summary
 from ds_orthoadam.evaluation import causal_lm_inputs, validation_loss
@@ -172,6 +172,39 @@ def make_train_stream(args: argparse.Namespace, tokenizer, micro_batch: int, ran
                        num_workers=args.data_workers)
 
 
+def make_rank_batches(args: argparse.Namespace, tokenizer, micro_batch: int, accumulation: int, rank: int,
+                      world_size: int, data_streams: int) -> RankBatches:
+    """This rank's micro-batches in the run's order, laid out for ``data_streams`` ranks (the run's first number)."""
+    return RankBatches(lambda stream: make_train_stream(args, tokenizer, micro_batch, stream, data_streams),
+                       data_streams, rank, world_size, accumulation)
+
+
+def recorded_data_streams(checkpoints: CheckpointManager, world_size: int) -> int:
+    """The number of data streams of the run whose checkpoints the output directory holds (the ranks it started on:
+    ``data_policy.world_size`` in run.json), or ``world_size`` for a new run. A run resumed on another number of ranks
+    keeps its data order (:class:`~ds_orthoadam.data.RankBatches`)."""
+    try:
+        recorded = checkpoints.recorded_identity()
+    except CheckpointError as error:
+        raise ArgumentConflict(str(error)) from error
+    policy = (recorded or {}).get("data_policy")
+    return policy.get("world_size", world_size) if isinstance(policy, dict) else world_size
+
+
+def resumes_on_other_ranks(checkpoints: CheckpointManager, tag: str | None, ds_config: dict, world_size: int) -> bool:
+    """Whether checkpoint ``tag``'s optimizer state is partitioned over another number of ranks, so that it is loaded
+    as a DeepSpeed universal checkpoint (ZeRO 1/2); refuses the layouts that cannot be (ZeRO-3, bf16 at stage 0)."""
+    saved = checkpoints.partition_count(tag) if tag is not None else 0
+    if saved in (0, world_size):
+        return False  # stage 0 in fp32 keeps the optimizer state whole: it loads on any number of ranks
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ArgumentConflict(f"checkpoint {tag} was saved by {saved} ranks and ZeRO stage {stage} with partitioned "
+                               f"optimizer state cannot resume on {world_size}: resume it on {saved} ranks (another "
+                               "number of ranks works at ZeRO 1/2 and at stage 0 in fp32)")
+    return True
+
+
 def resolve_validation_source(args: argparse.Namespace):
     """The validation DataSource; errors about an explicit ``--val-data`` name that option (the data package words
     every source error as ``--data``, which would send the user to fix the wrong argument)."""
@@ -288,11 +321,16 @@ class Trainer:
         self.model_args = dict(name=args.model, attention=args.attention, norm=args.norm,
                                vocab_size=len(self.tokenizer), max_seq_len=args.seq_len,
                                bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        self.stream = make_train_stream(args, self.tokenizer, self.micro_batch, self.rank, self.world_size)
-        self.identity = run_identity(args, self.model_args, ds_config, self.stream.policy)
         self.checkpoints = CheckpointManager(self.output_dir, args.keep_checkpoints)
+        data_streams = recorded_data_streams(self.checkpoints, self.world_size)
+        self.stream = make_rank_batches(args, self.tokenizer, self.micro_batch, self.gradient_accumulation, self.rank,
+                                        self.world_size, data_streams)
+        self.identity = run_identity(args, self.model_args, ds_config, self.stream.policy)
         resume_tag = claim_output_dir(self.checkpoints, self.identity, args.resume)
         check_resume_reaches(resume_tag, self.total_steps)
+        self.resharded = resumes_on_other_ranks(self.checkpoints, resume_tag, ds_config, self.world_size)
+        if self.resharded:
+            ds_config = ds_internals.load_universal(ds_config)
 
         torch.manual_seed(args.seed)
         # ZeRO-3: the parameters are partitioned from construction on, and every forward is a collective that all
@@ -330,13 +368,16 @@ class Trainer:
         return peak
 
     def _resume(self, tag: str) -> None:
-        shared, mine = self.checkpoints.load(self.engine, tag)
+        shared, saved = self.checkpoints.load(self.engine, tag, universal=self.resharded)
         self.step, self.tokens_seen = shared["step"], shared["tokens_seen"]
-        self.stream.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"])
+        self.stream.load_state_dict([rank_state["data"] for rank_state in saved])
+        # On another number of ranks the random state is rank r's of the saving ranks modulo their number: training
+        # draws nothing at random here (no dropout), so this only matters with dropout, which is then not exact.
+        set_rng_state(saved[self.rank % len(saved)]["rng"])
         self.checkpoints.resumed_from(tag)
         if self.rank == 0:
-            print(f"resumed from {self.checkpoints.checkpoint_dir / tag} at step {self.step}", flush=True)
+            ranks = "" if len(saved) == self.world_size else f" (saved by {len(saved)} ranks, now {self.world_size})"
+            print(f"resumed from {self.checkpoints.checkpoint_dir / tag} at step {self.step}{ranks}", flush=True)
 
     def save(self) -> str:
         shared = {"step": self.step, "tokens_seen": self.tokens_seen, "run": self.identity,

@@ -527,11 +527,10 @@ class OrthoAdamEngineHooks:
                 "is in the real frame: load it with load_module_only=True to start OrthoAdam from its weights")
         else:
             # A full load restores the master (phi) and the module (theta) each from its own copy in the checkpoint,
-            # so the resumed run is bit-identical, in the frame the checkpoint's moments live in.
+            # so the resumed run is bit-identical, in the frame the checkpoint's moments live in. A universal load
+            # (another number of ranks) sets the module from the master instead: theta = Q^T phi, as after a step.
             self._follow_saved_rotations(saved, load_path)
-            if ds_internals.universal_load_copies_master_into_module(self.engine):
-                # A universal checkpoint (another data-parallel size) restores the master and moments, which are
-                # phi in the saved frame, and DeepSpeed then copies the master into the module: back to theta.
+            if ds_internals.load_sets_module_from_master(self.engine):
                 self.frame.unrotate_params_()
         return load_path, client_state
 

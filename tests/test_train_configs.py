@@ -251,30 +251,70 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
 
 
 def test_a_refusal_names_only_the_nested_fields_that_differ(tmp_path):
-    """Another world size changes one field of the data policy: the message names that field, not the two dicts."""
+    """Another --seed changes one field of the data policy: the message names that field, not the two dicts."""
     manager = CheckpointManager(tmp_path, keep_last=2)
     policy = {"source": "c4", "seed": 0, "world_size": 2, "bos": True}
     identity = {"model_args": {"name": "llama-tiny"}, "optimizer": "OrthoAdam", "data_policy": policy}
     manager.claim(identity, "auto")
     _fake_checkpoint(manager, 10, complete=True)
     with pytest.raises(CheckpointError) as refused:
-        manager.claim({**identity, "data_policy": {**policy, "world_size": 1}}, "auto")
+        manager.claim({**identity, "data_policy": {**policy, "seed": 1}}, "auto")
     message = str(refused.value)
-    assert "data_policy.world_size: checkpoint has 2, this run 1" in message
-    assert "source" not in message and "seed" not in message and "model_args" not in message
-    assert "resume it on 2 ranks (e.g. deepspeed --num_gpus 2)" in message
+    assert "data_policy.seed: checkpoint has 0, this run 1" in message
+    assert "source" not in message and "world_size" not in message and "model_args" not in message
 
 
-def test_a_refusal_for_another_world_size_and_another_field_names_both_and_the_general_fix(tmp_path):
+def test_a_refusal_for_two_differing_fields_names_both_and_the_fix(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     identity = {"optimizer": "OrthoAdam", "data_policy": {"seed": 0, "world_size": 2}}
     manager.claim(identity, "auto")
     _fake_checkpoint(manager, 10, complete=True)
     with pytest.raises(CheckpointError) as refused:
-        manager.claim({"optimizer": "AdamW", "data_policy": {"seed": 0, "world_size": 1}}, "auto")
+        manager.claim({"optimizer": "AdamW", "data_policy": {"seed": 1, "world_size": 2}}, "auto")
     message = str(refused.value)
     assert "optimizer: checkpoint has 'OrthoAdam', this run 'AdamW'" in message
-    assert "data_policy.world_size: checkpoint has 2, this run 1" in message and "choose a new --output-dir" in message
+    assert "data_policy.seed: checkpoint has 0, this run 1" in message and "choose a new --output-dir" in message
+
+
+def test_a_resumed_run_keeps_the_data_streams_of_the_ranks_it_started_on(tmp_path):
+    from ds_orthoadam.train import recorded_data_streams
+
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert recorded_data_streams(manager, world_size=4) == 4  # a new run: one stream per rank
+    manager.claim({"optimizer": "AdamW", "data_policy": {"seed": 0, "world_size": 2}}, "auto")
+    assert recorded_data_streams(manager, world_size=4) == 4  # no complete checkpoint yet: still a new run
+    _fake_checkpoint(manager, 10, complete=True)
+    assert recorded_data_streams(manager, world_size=4) == 2
+
+
+@pytest.mark.parametrize("partition_files, stage, world_size, universal", [
+    (0, 0, 3, False),  # stage 0 in fp32: the optimizer state is whole, loads anywhere
+    (2, 1, 2, False),  # the saving number of ranks: a plain load
+    (2, 1, 1, True), (1, 2, 2, True),  # ZeRO 1/2 on another number: DeepSpeed's universal checkpoint
+])
+def test_another_number_of_ranks_loads_zero_1_2_as_a_universal_checkpoint(tmp_path, partition_files, stage,
+                                                                          world_size, universal):
+    from ds_orthoadam.train import resumes_on_other_ranks
+
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    tag_dir = _fake_checkpoint(manager, 10, complete=True)
+    for rank in range(partition_files):
+        (tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    config = {"zero_optimization": {"stage": stage}}
+    assert resumes_on_other_ranks(manager, "global_step10", config, world_size) is universal
+    assert resumes_on_other_ranks(manager, None, config, world_size) is False  # nothing to resume
+
+
+@pytest.mark.parametrize("prefix, stage", [("", 3), ("bf16_", 0)])
+def test_partitioned_state_that_cannot_be_converted_is_refused_naming_the_saving_ranks(tmp_path, prefix, stage):
+    from ds_orthoadam.train import ArgumentConflict, resumes_on_other_ranks
+
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    tag_dir = _fake_checkpoint(manager, 10, complete=True)
+    for rank in range(2):
+        (tag_dir / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ArgumentConflict, match=f"saved by 2 ranks and ZeRO stage {stage} .*resume it on 2 ranks"):
+        resumes_on_other_ranks(manager, "global_step10", {"zero_optimization": {"stage": stage}}, 1)
 
 
 @pytest.mark.parametrize("content, message", [('{"model_args": ', "is not valid JSON"),

@@ -75,13 +75,14 @@ def test_launched_processes_see_the_cpu_fp16_answer_asked_for(supported):
     assert result.stdout.split() == [str(supported)], result.stderr[-2000:]
 
 
-def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True, cpu_fp16: bool | None = None):
+def launch(corpus: dict, output_dir: Path, *extra: str, wait: bool = True, cpu_fp16: bool | None = None,
+           ranks: int = 2, program: tuple[str, ...] = ("--module", "ds_orthoadam.train")):
     """Run ds_orthoadam.train on 2 CPU ranks with the deepspeed launcher (in its own session, like a terminal).
 
     ``cpu_fp16``: what DeepSpeed's CPU accelerator answers about fp16 (:func:`cpu_fp16_env`; None: this machine's
-    answer)."""
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-               "ds_orthoadam.train", "--model", "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"],
+    answer). ``ranks``, ``program``: another number of ranks, another script taking the trainer's arguments."""
+    command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *program,
+               "--model", "llama-tiny", "--data", corpus["train"], "--val-data", corpus["val"],
                "--tokenizer", corpus["tokenizer"], "--seq-len", str(SEQ_LEN), "--val-samples", "8",
                "--set", "train_batch_size=8", "--set", "train_micro_batch_size_per_gpu=4",
                "--set", "scheduler.params.warmup_num_steps=2", "--set", f"scheduler.params.total_num_steps={STEPS}",
@@ -811,3 +812,91 @@ def test_kill_9_chaos_resumes_bit_identically(corpus, tmp_path):
     assert not _incomplete_checkpoints(run_dir)
     chaos, uninterrupted = _checkpoint_weights(run_dir), _checkpoint_weights(tmp_path / "uninterrupted")
     assert chaos.keys() == uninterrupted.keys() and all(torch.equal(chaos[k], uninterrupted[k]) for k in chaos)
+
+
+def _saved_optimizer_state(tag_dir: Path) -> dict:
+    """A checkpoint's optimizer state as :func:`resume_worker.loaded_state` dumps it, read from the files DeepSpeed
+    wrote (ZeRO 1/2: every rank's partition, padding removed, concatenated in rank order)."""
+    model = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda f: int(f.name.split("_")[3]))
+    if not files:
+        return {"state": model["optimizer"]["state"], "module": model["module"]}
+    return {"groups": _concatenated([_partition_groups(file) for file in files]), "module": model["module"]}
+
+
+def _partition_groups(file: Path) -> list[dict]:
+    saved = torch.load(file, weights_only=False)["optimizer_state_dict"]
+    groups = []
+    for i, fp32 in enumerate(saved["single_partition_of_fp32_groups"]):  # saved without its padding
+        state = saved["base_optimizer_state"]["state"][i]
+        groups.append({"fp32": fp32, "exp_avg": state["exp_avg"][:fp32.numel()],
+                       "exp_avg_sq": state["exp_avg_sq"][:fp32.numel()], "step": state["step"]})
+    return groups
+
+
+def _concatenated(ranks: list[list[dict]]) -> list[dict]:
+    """Per group: the ranks' partitions joined (the whole flat group) and the step, which every rank holds alike."""
+    joined = []
+    for parts in zip(*ranks):
+        assert len({float(part["step"]) for part in parts}) == 1
+        joined.append({key: torch.cat([part[key] for part in parts]) for key in ("fp32", "exp_avg", "exp_avg_sq")}
+                      | {"step": parts[0]["step"]})
+    return joined
+
+
+def _loaded_optimizer_state(dump_dir: Path) -> dict:
+    ranks = [torch.load(file, weights_only=False) for file in sorted(dump_dir.glob("rank*.pt"))]
+    if "state" in ranks[0]:
+        return ranks[0]
+    return {"groups": _concatenated([rank["groups"] for rank in ranks]), "module": ranks[0]["module"]}
+
+
+def _assert_same_state(loaded, saved, path="state") -> None:
+    if isinstance(saved, dict):
+        assert loaded.keys() == saved.keys(), path
+        for key in saved:
+            _assert_same_state(loaded[key], saved[key], f"{path}.{key}")
+    elif isinstance(saved, list):
+        assert len(loaded) == len(saved), path
+        for i, (one, other) in enumerate(zip(loaded, saved)):
+            _assert_same_state(one, other, f"{path}[{i}]")
+    elif isinstance(saved, torch.Tensor):
+        assert torch.equal(torch.as_tensor(loaded), saved), path
+    else:
+        assert loaded == saved, path
+
+
+@pytest.mark.parametrize("optimizer, stage, saved_on, resumed_on", [("orthoadam", 1, 2, 1), ("orthoadam", 2, 1, 2),
+                                                                    ("adamw", 2, 2, 1), ("adamw", 0, 1, 2)])
+def test_resume_on_another_number_of_ranks(corpus, tmp_path, optimizer, stage, saved_on, resumed_on):
+    """A checkpoint saved by ``saved_on`` ranks resumes on ``resumed_on`` (--resume; ZeRO 1/2 through DeepSpeed's
+    universal checkpoint, stage 0 as it is). Right after the load, the optimizer state -- fp32 master (OrthoAdam's
+    rotated frame), both moments, step -- and the module's weights equal the saved ones exactly (the loaded
+    partitions joined against the saved partitions joined). The continued run then trains on the same global
+    batches as the run that kept ``saved_on`` ranks: its losses and final weights match that run's to 1e-5 relative
+    (not bitwise: the gradient is summed over ranks and micro-batches in another order, ~1e-7 per step in fp32;
+    a batch repeated or skipped moves the loss by ~1e-2)."""
+    common = ("--optimizer", optimizer, "--set", f"zero_optimization.stage={stage}", "--train-steps", "4",
+              "--checkpoint-every", "2", "--keep-checkpoints", "3", "--log-every", "1", "--eval-every", "0",
+              "--outlier-every", "0", "--no-export", "--set", "scheduler.params.total_num_steps=4")
+    kept = tmp_path / "kept"
+    returncode, output = launch(corpus, kept, *common, ranks=saved_on)
+    assert returncode == 0, output[-4000:]
+    resumed, dump = tmp_path / "resumed", tmp_path / "dump"
+    shutil.copytree(kept, resumed)
+    dump.mkdir()
+    returncode, output = launch(corpus, resumed, *common, "--resume", "global_step2", ranks=resumed_on,
+                                program=(str(REPO / "tests" / "resume_worker.py"), "--dump", str(dump)))
+    assert returncode == 0, output[-4000:]
+    assert f"(saved by {saved_on} ranks, now {resumed_on})" in output
+    assert ("converting it to a DeepSpeed universal checkpoint" in output) == (stage > 0)
+    assert not (resumed / "checkpoints" / "universal").exists()  # the conversion is removed once loaded
+    _assert_same_state(_loaded_optimizer_state(dump), _saved_optimizer_state(kept / "checkpoints" / "global_step2"))
+
+    reference, continued = metric_rows(kept, "Train/loss"), metric_rows(resumed, "Train/loss")
+    assert [step for step, _ in continued] == [1, 2, 3, 4] and reference[:2] == continued[:2]
+    assert [loss for _, loss in continued[2:]] == pytest.approx([loss for _, loss in reference[2:]], rel=1e-5)
+    final = [torch.load(run / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"] for run in (kept, resumed)]
+    for name, weight in final[0].items():
+        assert torch.allclose(final[1][name], weight, rtol=1e-5, atol=1e-5 * weight.abs().max()), name

@@ -15,7 +15,7 @@ _EXPORTS = {
     "DataArgumentError": "errors", "DataError": "errors", "DataSourceError": "errors", "TokenizerError": "errors",
     "IGNORE_INDEX": "packing", "sequence_policy": "packing",
     "DataSource": "sources", "resolve_source": "sources", "validation_source": "sources",
-    "TrainStream": "stream",
+    "RankBatches": "rank_batches", "TrainStream": "stream",
     "check_vocab_fits": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "PAPER_VALIDATION_DOCS": "validation", "ValidationSet": "validation", "validation_batches": "validation",
 }
