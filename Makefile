@@ -52,7 +52,8 @@ tokenizer: $(if $(filter data/demo,$(TOKENIZER_DATA)),demo-data,setup)
 #   MASTER_ADDR=node1] [TRAIN_DATA=c4] [TRAIN_TOKENIZER=...] [RUN_DIR=...] [TRAIN_ARGS="--resume auto ..."]
 # The paper's four variants: ATTN=softmax OPT=adamw (baseline), ATTN=softmax1 OPT=adamw, ATTN=softmax
 # OPT=orthoadam, ATTN=softmax1 OPT=orthoadam (default).
-TRAIN_MODELS := gpt2-60m gpt2-130m gpt2-350m gpt2-1.4b llama-60m llama-130m llama-350m llama-1.4b
+TRAIN_MODELS := gpt2-60m gpt2-130m gpt2-350m gpt2-1.4b gpt2-3b gpt2-7b \
+                llama-60m llama-130m llama-350m llama-1.4b llama-3b llama-7b
 ATTN         ?= softmax1
 OPT          ?= orthoadam
 NUM_GPUS     ?= 8

@@ -1,6 +1,8 @@
 """Model zoo: named GPT2 and Llama configurations, built as real transformers models.
 
-Llama sizes follow the common C4 pre-training recipe the paper uses (hidden / intermediate / heads / layers).
+Llama sizes up to 1.4B follow the common C4 pre-training recipe the paper uses (hidden / intermediate / heads /
+layers); beyond the paper, ``llama-7b`` is Llama-2-7B's shape and ``llama-3b`` StableLM-3B-4E1T's (why that one:
+docs/models.md). Both are trained under ZeRO-3 (docs/zero3.md).
 The paper does not give GPT2 sizes: ours keep the Llama sibling's width (head dim 64, MLP 4x) and pick the depth
 whose parameter count is closest to the Llama sibling's (vocabulary 32000, tied GPT2 embeddings, untied Llama head).
 ``tiny`` models (~2-3M parameters with the 8192-token demo tokenizer) are for CPU demos and tests.
@@ -65,12 +67,16 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "llama-130m": ModelSpec("llama", 768, 12, 12, 2048, DEFAULT_VOCAB_SIZE, 134_105_856),
     "llama-350m": ModelSpec("llama", 1024, 24, 16, 2736, DEFAULT_VOCAB_SIZE, 367_969_280),
     "llama-1.4b": ModelSpec("llama", 2048, 24, 32, 5461, DEFAULT_VOCAB_SIZE, 1_339_082_752),
+    "llama-3b": ModelSpec("llama", 2560, 32, 32, 6912, DEFAULT_VOCAB_SIZE, 2_701_562_880),
+    "llama-7b": ModelSpec("llama", 4096, 32, 32, 11008, DEFAULT_VOCAB_SIZE, 6_738_415_616),
     "gpt2-tiny": ModelSpec("gpt2", 128, 6, 4, 512, TINY_VOCAB_SIZE, 2_271_232),
     "llama-testbed": ModelSpec("llama", 64, 3, 4, 172, TESTBED_VOCAB_SIZE, 157_248),
     "gpt2-60m": ModelSpec("gpt2", 512, 13, 8, 2048, DEFAULT_VOCAB_SIZE, 57_497_088),
     "gpt2-130m": ModelSpec("gpt2", 768, 15, 12, 3072, DEFAULT_VOCAB_SIZE, 131_092_224),
     "gpt2-350m": ModelSpec("gpt2", 1024, 27, 16, 4096, DEFAULT_VOCAB_SIZE, 373_130_240),
     "gpt2-1.4b": ModelSpec("gpt2", 2048, 25, 32, 8192, DEFAULT_VOCAB_SIZE, 1_325_021_184),
+    "gpt2-3b": ModelSpec("gpt2", 2560, 33, 40, 10240, DEFAULT_VOCAB_SIZE, 2_678_904_320),
+    "gpt2-7b": ModelSpec("gpt2", 4096, 33, 64, 16384, DEFAULT_VOCAB_SIZE, 6_777_663_488),
 }
 
 

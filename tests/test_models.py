@@ -33,7 +33,7 @@ def test_parameter_count_matches_formula_and_documented_figure(name):
     assert abs(counted / MODEL_SPECS[name].params - 1) <= 0.03
 
 
-@pytest.mark.parametrize("size", ["60m", "130m", "350m", "1.4b"])
+@pytest.mark.parametrize("size", ["60m", "130m", "350m", "1.4b", "3b", "7b"])
 def test_gpt2_sizes_match_their_llama_siblings_within_3_percent(size):
     assert abs(MODEL_SPECS[f"gpt2-{size}"].params / MODEL_SPECS[f"llama-{size}"].params - 1) <= 0.03
 
@@ -54,7 +54,7 @@ def test_classes_attention_and_vocabulary_options():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        (dict(name="llama-7b"), "llama-60m"),
+        (dict(name="llama-70b"), "llama-60m"),
         (dict(name="gpt2-tiny", attention="softmax2"), "softmax1"),
         (dict(name="gpt2-tiny", norm="layernorm"), "single_scale_rmsnorm"),
         (dict(name="gpt2-tiny", n_embdd=3), "n_embdd"),
@@ -113,3 +113,9 @@ def test_set_attention_switches_the_running_model_and_what_a_save_records(tmp_pa
         expected = reference(ids).logits
         torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_llama_7b_has_llama_2_7b_published_parameter_count():
+    """Llama-2-7B (hidden 4096, MLP 11008, 32 layers, vocabulary 32000, untied head) has 6,738,415,616 parameters as
+    published with its weights; our meta-built llama-7b must be that architecture exactly."""
+    assert meta_parameter_count("llama-7b") == 6_738_415_616

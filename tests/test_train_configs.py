@@ -7,13 +7,16 @@ import pytest
 
 from ds_orthoadam import run_config
 from ds_orthoadam.checkpointing import COMPLETE_MARKER, CheckpointError, CheckpointManager
-from ds_orthoadam.models import MODEL_SPECS, build_model
+from ds_orthoadam.models import MODEL_SPECS, build_model, meta_parameter_count
 from ds_orthoadam.telemetry import flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 # Training setup from the paper (shared/PAPER.md): warmup and total steps per model size, 8 V100s, batch 512.
 PAPER_SCHEDULE = {"60m": (1000, 160_000), "130m": (2000, 320_000), "350m": (6000, 960_000), "1.4b": (10_000, 600_000)}
 PAPER_GPUS, PAPER_BATCH, PAPER_MAX_LR = 8, 512, 1e-3
+# Beyond the paper (docs/training.md): ZeRO-3, the 1.4B run's warmup and tokens per parameter (total steps in
+# proportion to the Llama sibling's parameters, to 10k steps), max LR scaled by 2048 / hidden.
+BEYOND_PAPER = ("3b", "7b")
 CPU_CONFIGS = set(run_config.CPU_CONFIGS.values())  # cpu.json (tests), testbed.json (the testbed): not paper sizes
 SIZE_CONFIGS = sorted(p for p in (REPO / "ds_configs").glob("*.json") if p.name not in CPU_CONFIGS)
 
@@ -32,13 +35,39 @@ def test_size_config_follows_the_paper(path):
     assert config["train_batch_size"] == PAPER_BATCH
     assert PAPER_BATCH % (micro * PAPER_GPUS) == 0
     assert run_config.gradient_accumulation_steps(config, PAPER_GPUS) * micro * PAPER_GPUS == PAPER_BATCH
-    assert run_config.scheduler_steps(config) == PAPER_SCHEDULE[size]
-    assert config["optimizer"]["params"]["lr"] == PAPER_MAX_LR
-    assert config["zero_optimization"]["stage"] == 1
+    if size in BEYOND_PAPER:
+        warmup, steps_14b = PAPER_SCHEDULE["1.4b"]
+        ratio = meta_parameter_count(f"llama-{size}") / meta_parameter_count("llama-1.4b")
+        assert run_config.scheduler_steps(config) == (warmup, round(steps_14b * ratio, -4))
+        assert config["optimizer"]["params"]["lr"] == pytest.approx(PAPER_MAX_LR * 2048 / MODEL_SPECS[path.stem].hidden)
+        assert config["zero_optimization"]["stage"] == 3
+    else:
+        assert run_config.scheduler_steps(config) == PAPER_SCHEDULE[size]
+        assert config["optimizer"]["params"]["lr"] == PAPER_MAX_LR
+        assert config["zero_optimization"]["stage"] == 1
     assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
     assert isinstance(config["fp16"]["initial_scale_power"], int)
     assert isinstance(config["gradient_clipping"], float)
     assert config["tensorboard"]["enabled"]
+
+
+@pytest.mark.parametrize("path", [p for p in SIZE_CONFIGS if p.stem.endswith(BEYOND_PAPER)], ids=lambda p: p.stem)
+def test_zero3_configs_are_valid_for_deepspeed_and_follow_the_documented_rule(path):
+    """DeepSpeed's own ZeRO config model (which refuses unknown keys) accepts the stage-3 section, and its sizes
+    follow the rule docs/zero3.md gives (transformers' "auto" values for ZeRO-3): buckets of hidden^2 elements,
+    prefetch 0.9 hidden^2, parameters under 10 x hidden elements kept whole on every rank (norm gains)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = run_config.read_json(path)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)
+    hidden = MODEL_SPECS[path.stem].hidden
+    assert parsed.stage == 3 and parsed.overlap_comm and parsed.contiguous_gradients
+    assert parsed.reduce_bucket_size == hidden * hidden
+    assert parsed.prefetch_bucket_size == int(0.9 * hidden * hidden)
+    assert hidden < parsed.param_persistence_threshold == 10 * hidden < hidden * hidden  # gains persist, matrices don't
+    assert not parsed.gather_16bit_weights_on_model_save  # the export reads the checkpoint's fp32 (zero_to_fp32)
+    with pytest.raises(ValueError):
+        DeepSpeedZeroConfig(**{**zero, "stage3_prefetch_bucket_sise": 1})
 
 
 def test_cpu_config_runs_on_two_cpu_ranks_without_fp16():
@@ -119,8 +148,8 @@ def _train_main(capsys, monkeypatch, *extra: str, world_size: str = "2") -> tupl
 
 
 def test_cli_rejects_bad_input_before_starting_anything(capsys, monkeypatch):
-    status, err = _train_main(capsys, monkeypatch, "--model", "llama-7b")
-    assert status == 2 and "invalid choice: 'llama-7b'" in err
+    status, err = _train_main(capsys, monkeypatch, "--model", "llama-70b")
+    assert status == 2 and "invalid choice: 'llama-70b'" in err
     status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--ds-config", "nope.json")
     assert status == 2 and "nope.json does not exist" in err
     status, err = _train_main(capsys, monkeypatch, "--model", "llama-60m", "--train-steps", "0")
