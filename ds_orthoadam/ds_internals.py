@@ -54,6 +54,12 @@ fails loudly there instead of silently training in the wrong frame (or logging a
     fp32 master (``update_lp_params``), not from the checkpoint's module weights, so under OrthoAdam the module holds
     phi after such a load (:func:`load_sets_module_from_master`).
 
+16. DeepSpeed's documented memory estimators for hypothetical models
+    (``estimate_zero2_model_states_mem_needs_all_cold``, ``estimate_zero3_model_states_mem_needs_all_cold``) only
+    print; the numbers they print come from ``estimate_zero2_model_states_mem_needs`` /
+    ``estimate_zero3_model_states_mem_needs``, which return them in bytes (:func:`zero2_estimate`,
+    :func:`zero3_estimate`, for ``ds_orthoadam.memory_plan``).
+
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
 """
@@ -386,3 +392,23 @@ def csv_monitor_files(engine: "deepspeed.DeepSpeedEngine") -> tuple[list[Path], 
     if csv_monitor is None or not csv_monitor.enabled or csv_monitor.log_dir is None:
         return None
     return sorted(Path(csv_monitor.log_dir).glob("*.csv")), csv_monitor.filenames
+
+
+def zero2_estimate(total_params: int, num_gpus_per_node: int, num_nodes: int = 1) -> int:
+    """Per-GPU bytes of model states that DeepSpeed's ZeRO-2 estimator gives without offload (fact 16): fp16
+    weights whole, 18 bytes per parameter (fp16 and fp32 gradients, fp32 master, two moments) partitioned."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, gpu = estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes, cpu_offload=False)
+    return gpu
+
+
+def zero3_estimate(total_params: int, largest_layer_params: int, num_gpus_per_node: int, num_nodes: int = 1) -> int:
+    """Per-GPU bytes of model states that DeepSpeed's ZeRO-3 estimator gives without offload, model built under
+    ``zero.Init`` (fact 16): 18 bytes per parameter partitioned plus 4 bytes per parameter of the largest layer."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, num_gpus_per_node,
+                                                      num_nodes, cpu_offload=False, cpu_offload_params=False,
+                                                      zero_init=True)
+    return gpu

@@ -365,3 +365,26 @@ def test_zero3_checkpoint_client_state(tmp_path):
     engine.save_checkpoint(str(tmp_path), tag="t", client_state={"marker": 7})
     assert (tmp_path / "t" / ds_internals.ZERO3_MODEL_STATES).exists()
     assert ds_internals.checkpoint_client_state(str(tmp_path), "t")["marker"] == 7
+
+
+@pytest.mark.parametrize("gpus_per_node, nodes", [(8, 1), (8, 4)])
+def test_memory_estimates_are_what_deepspeeds_documented_estimators_print(capsys, gpus_per_node, nodes):
+    """Fact 16: the bytes zero2_estimate / zero3_estimate return are the per-GPU figures (no offload; ZeRO-3 with
+    zero.Init) that DeepSpeed's documented ``*_all_cold`` estimators print, in their GB (2^30) to two decimals."""
+    import re
+
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    params, largest = 6_738_415_616, 131_072_000
+    estimate_zero2_model_states_mem_needs_all_cold(params, gpus_per_node, nodes)
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.rstrip().endswith("offload_optimizer=none"))
+    assert float(re.findall(r"([\d.]+)GB", row)[1]) == round(ds_internals.zero2_estimate(params, gpus_per_node, nodes)
+                                                              / 2**30, 2)
+    estimate_zero3_model_states_mem_needs_all_cold(params, largest, gpus_per_node, nodes)
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines()
+               if "offload_param=none" in line and "offload_optimizer=none" in line and "zero_init=1" in line)
+    assert float(re.findall(r"([\d.]+)GB", row)[1]) == round(
+        ds_internals.zero3_estimate(params, largest, gpus_per_node, nodes) / 2**30, 2)
