@@ -6,11 +6,12 @@ Checks ``ds_orthoadam.memory_plan.model_states`` (and DeepSpeed's estimators bes
 (hidden 256, 4 layers, vocabulary 8192: 7.4M parameters) trained with DeepSpeed's real fp16 ZeRO machinery on the
 CPU (``tests/fp16_on_cpu`` makes the CPU accelerator accept fp16; the kernels differ from a GPU's, the buffers do
 not). How it is measured: on each rank, the bytes of every distinct tensor storage reachable from Python (``gc``;
-parameters, gradients, DeepSpeed's flat partitions and buckets, optimiser state), taken at the peak of two points of
+parameters, gradients, DeepSpeed's flat partitions and buckets, optimiser state), taken at the larger of two points of
 the second step: right after ``engine.backward`` (gradients reduced, activations freed) and at the start of the
 inner optimiser's ``step`` (DeepSpeed's fp32 gradient partition exists). Buckets are hidden^2 elements, as in the
 3b/7b configs. The ZeRO-3 model is built under ``zero.Init`` (``models.build_partitioned_model``), as the trainer
-does.
+does. Both stages run in the same two processes, one after the other; each is measured above what was live
+before it was built.
 """
 from __future__ import annotations
 
@@ -55,16 +56,16 @@ def live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
-def worker(stage: int, out: Path) -> None:
-    """One rank: build, train two steps, measure; rank r writes ``out/stage{stage}_rank{r}.json``."""
+def _measure_stage(stage: int, rank: int) -> dict:
+    """Build, train two steps and measure one ZeRO stage in this process (live bytes above what was live before)."""
     import deepspeed
     import torch
 
     import ds_orthoadam
     from ds_orthoadam import ds_internals, models
+    from ds_orthoadam.memory_plan import largest_layer_params
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = int(os.environ["RANK"])
+    baseline = live_tensor_bytes()  # what an earlier stage left behind in this process
     config = ds_config(stage)
     torch.manual_seed(0)
     kwargs = dict(attention="softmax1", vocab_size=VOCAB, max_seq_len=SEQ_LEN, **SHAPE)
@@ -76,7 +77,7 @@ def worker(stage: int, out: Path) -> None:
     inner_step = inner.step
 
     def measured_step(*args, **kwargs):
-        peaks["in_step"] = live_tensor_bytes()
+        peaks["in_step"] = live_tensor_bytes() - baseline
         return inner_step(*args, **kwargs)
 
     inner.step = measured_step
@@ -85,31 +86,42 @@ def worker(stage: int, out: Path) -> None:
         tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ_LEN), generator=generator)
         engine.backward(engine(input_ids=tokens, labels=tokens).loss)
         if step == 1:
-            peaks["after_backward"] = live_tensor_bytes()
+            peaks["after_backward"] = live_tensor_bytes() - baseline
         engine.step()
-    params = models.meta_parameter_count(MODEL, **kwargs)
-    largest = models.build_meta_model(MODEL, **kwargs)
-    from ds_orthoadam.memory_plan import largest_layer_params
+    inner.step = inner_step
+    meta = models.build_meta_model(MODEL, **kwargs)
+    return {"stage": stage, "rank": rank, "params": models.count_parameters(meta),
+            "largest_layer": largest_layer_params(meta), **peaks}
 
-    (out / f"stage{stage}_rank{rank}.json").write_text(json.dumps(
-        {"stage": stage, "rank": rank, "params": params, "largest_layer": largest_layer_params(largest), **peaks}))
+
+def worker(out: Path) -> None:
+    """One rank: each stage in turn; rank r writes ``out/rank{r}.json``."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = int(os.environ["RANK"])
+    records = []
+    for stage in STAGES:
+        records.append(_measure_stage(stage, rank))
+        gc.collect()
+    (out / f"rank{rank}.json").write_text(json.dumps(records))
 
 
 def measure(out: Path) -> list[dict]:
-    """Launch the 2-rank runs (deepspeed launcher, CPU) and return every rank's record."""
+    """Launch the 2-rank run (deepspeed launcher, CPU) and return every rank's records, ordered by stage."""
     from ds_orthoadam.distributed import free_port
 
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "fp16_on_cpu"),
                                           *filter(None, [os.environ.get("PYTHONPATH")])])}
-    for stage in STAGES:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                   str(free_port()), str(Path(__file__).resolve()), "--worker", str(stage), "--out", str(out)]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode:
-            raise RuntimeError(f"stage {stage} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return [json.loads(path.read_text()) for path in sorted(out.glob("stage*_rank*.json"))]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode:
+        raise RuntimeError(f"the 2-rank run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    records = [record for path in sorted(out.glob("rank*.json")) for record in json.loads(path.read_text())]
+    return sorted(records, key=lambda record: (record["stage"], record["rank"]))
 
 
 def report(records: list[dict]) -> str:
@@ -131,13 +143,17 @@ def report(records: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-zero-memory"), help="per-rank records")
-    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print the per-rank records as JSON instead")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     args = parser.parse_args()
-    if args.worker is not None:
-        worker(args.worker, args.out)
+    if args.worker:
+        worker(args.out)
         return
     records = measure(args.out)
+    if args.json:
+        print(json.dumps(records))
+        return
     print(f"{MODEL} {SHAPE}, vocabulary {VOCAB}: {records[0]['params']} parameters, 2 CPU ranks, fp16")
     print(report(records))
 

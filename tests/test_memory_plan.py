@@ -52,3 +52,29 @@ def test_the_plan_prints_a_row_per_model_gpus_and_stage(capsys):
     assert memory_plan.main(["--models", "llama-1.4b", "--gpus", "8"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "2", "3"]
+
+
+@pytest.mark.e2e
+def test_measured_per_rank_model_states_on_two_cpu_ranks(tmp_path):
+    """bench/zero_memory.py (2 CPU ranks, DeepSpeed's fp16 ZeRO, a 6.8M-parameter Llama): what a rank holds is
+    (2 + 2) bytes per parameter whole + 12 / N at ZeRO-1 (fp16 weights and gradients; fp32 master and moments) and
+    20 / N at ZeRO-3 (everything partitioned, the step's fp32 gradient included), within 2% (DeepSpeed's buckets,
+    buffers); the plan's model states bound it from above."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(repo / "bench" / "zero_memory.py"), "--out", str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=600, cwd=repo)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted((r["stage"], r["rank"]) for r in records) == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    world = 2
+    for record in records:
+        params, stage = record["params"], record["stage"]
+        measured = max(record["after_backward"], record["in_step"])
+        expected = 4 * params + 12 * params / world if stage == 1 else 20 * params / world
+        assert measured == pytest.approx(expected, rel=0.02), record
+        assert measured <= memory_plan.model_states(params, stage, world, record["largest_layer"]).total
