@@ -103,16 +103,17 @@ def rotation_bytes(model, kind: str) -> int:
 def activation_bytes(name: str, micro_batch: int, seq_len: int = DEFAULT_SEQ_LEN, checkpointing: bool = False) -> int:
     """Analytic fp16 activations saved for backward by one micro-batch (fused attention: no T x T matrix).
 
-    Per token and layer (bytes, h hidden, i MLP width), counting what autograd keeps: GPT2 16h + 4i (two LayerNorm
-    inputs 4h, QKV input, q/k/v and attention output 10h, MLP input 2h, GeLU input and output 4i; Korthikanti et al.
-    2022's 34h at i = 4h, less their two dropout masks); Llama 24h + 8i (two RMSNorms with their fp32 upcast 12h,
-    attention 10h, MLP input 2h, gate, SiLU output, up and product 8i). Plus the head: final norm 2h and fp16 logits
-    upcast to fp32 for the loss, 6 bytes per vocabulary entry. With activation checkpointing each layer keeps only
-    its fp16 input (2h) and one layer's activations are live again during its backward.
+    Per token and layer (bytes, h hidden, i MLP width), counting what autograd keeps: GPT2 16h + 10i (two LayerNorm
+    inputs 4h, QKV input, q/k/v and attention output 10h, MLP input 2h; transformers' ``gelu_new`` is composed of
+    torch ops and keeps its input, tanh output, 0.5 x and 1 + tanh, and c_proj keeps its output: 10i; Korthikanti
+    et al. 2022 count 4i for a fused GeLU); Llama 24h + 8i (two RMSNorms with their fp32 upcast 12h, attention 10h,
+    MLP input 2h, gate, SiLU output, up and product 8i). Plus the head: final norm 2h and fp16 logits upcast to fp32
+    for the loss, 6 bytes per vocabulary entry. With activation checkpointing each layer keeps only its fp16 input
+    (2h) and one layer's activations are live again during its backward.
     """
     spec = MODEL_SPECS[name]
     h, i = spec.hidden, spec.intermediate
-    per_layer = 16 * h + 4 * i if spec.family == "gpt2" else 24 * h + 8 * i
+    per_layer = 16 * h + 10 * i if spec.family == "gpt2" else 24 * h + 8 * i
     head = 2 * h + 6 * spec.vocab_size
     layers = spec.layers * 2 * h + per_layer if checkpointing else spec.layers * per_layer
     return micro_batch * seq_len * (layers + head)
