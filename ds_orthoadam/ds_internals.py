@@ -2,9 +2,10 @@
 
 The OrthoAdam integration (:mod:`ds_orthoadam.zero_orthoadam`) keeps DeepSpeed's fp32 master weights and Adam
 moments in the rotated frame phi = Q theta and the module's own parameters in the real frame theta. That needs the
-first eight facts about DeepSpeed's internals below, the trainer's restarts the last two; each is one function here,
-and ``tests/test_ds_internals.py`` checks every one against the installed DeepSpeed, so an upgrade that breaks one
-fails loudly there instead of silently training in the wrong frame (or logging a resumed run twice):
+first eight facts about DeepSpeed's internals below, the trainer the others; each is one function or constant here
+(17 is a guarantee the trainer relies on by not acting), and ``tests/test_ds_internals.py`` checks every one against
+the installed DeepSpeed, so an upgrade that breaks one fails loudly there instead of silently training in the wrong
+frame (or logging a resumed run twice):
 
 1. which configurations keep a separate fp32 master copy that DeepSpeed writes back into the module's parameters
    (and all-gathers) at the end of every applied step (ZeRO 1/2, and the fp16/bf16 wrappers at stage 0);
@@ -52,13 +53,20 @@ fails loudly there instead of silently training in the wrong frame (or logging a
     what ``--inject_missing_state`` adds). An engine built with ``"checkpoint": {"load_universal": true}`` loads the
     per-parameter files from ``<load_dir>/<tag>/zero`` and then, below ZeRO-3, sets the module's parameters from the
     fp32 master (``update_lp_params``), not from the checkpoint's module weights, so under OrthoAdam the module holds
-    phi after such a load (:func:`load_sets_module_from_master`).
-
+    phi after such a load (:func:`load_sets_module_from_master`);
 16. DeepSpeed's documented memory estimators for hypothetical models
     (``estimate_zero2_model_states_mem_needs_all_cold``, ``estimate_zero3_model_states_mem_needs_all_cold``) only
     print; the numbers they print come from ``estimate_zero2_model_states_mem_needs`` /
     ``estimate_zero3_model_states_mem_needs``, which return them in bytes (:func:`zero2_estimate`,
-    :func:`zero3_estimate`, for ``ds_orthoadam.memory_plan``).
+    :func:`zero3_estimate`, for ``ds_orthoadam.memory_plan``);
+17. ZeRO-3's ``engine.save_checkpoint`` writes each rank's partitions as they are: it gathers no parameter and writes
+    nothing back into a partition (only ``save_16bit_model`` consolidates whole weights, through a write-back that
+    OrthoAdam's frame rounds until the next step), so the trainer's checkpoints leave the weights it trains on
+    bit for bit unchanged (nothing to call: the trainer relies on it by saving with ``save_checkpoint`` only);
+18. ZeRO-3 cannot run under torch's non-reentrant activation checkpointing (transformers' default): the recomputation
+    inside the backward saves a different number of tensors than the forward did (DeepSpeed's gather/release hooks
+    around each submodule) and torch raises ``CheckpointError``; the reentrant implementation works at every stage
+    (:data:`ACTIVATION_CHECKPOINTING_KWARGS`).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
@@ -351,6 +359,12 @@ def load_sets_module_from_master(engine: "deepspeed.DeepSpeedEngine") -> bool:
     """Whether ``engine.load_checkpoint`` sets the module's parameters from the loaded fp32 master instead of the
     checkpoint's module weights: a universal load below ZeRO-3 (``update_lp_params``)."""
     return engine.load_universal_checkpoint() and not engine.zero_optimization_partition_weights()
+
+
+# Keyword arguments for ``PreTrainedModel.activation_checkpointing_enable`` that work under every ZeRO stage: the
+# non-reentrant default fails under ZeRO-3 ("A different number of tensors was saved during the original forward
+# and recomputation"), plain AdamW and trainable parameters too.
+ACTIVATION_CHECKPOINTING_KWARGS = {"use_reentrant": True}
 
 
 def skip_shm_comm_build() -> None:

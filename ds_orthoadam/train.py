@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="normalisation layers: the family's default or RMSNorm with a single scalar gain")
     model.add_argument("--seq-len", type=integer_at_least(2), default=256,
                        help="training sequence length in tokens (at least 2: one input and one target)")
+    model.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each decoder layer's activations in the backward instead of keeping them "
+                            "(less memory, about one more forward per step; what 3B/7B need, docs/training.md)")
     config = parser.add_argument_group("DeepSpeed config")
     config.add_argument("--ds-config", default=None,
                         help="DeepSpeed JSON (default: ds_configs/<model>.json; cpu.json for *-tiny, testbed.json for "
@@ -165,6 +168,14 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict, weight_decay_on: 
     except (ValueError, TypeError, AssertionError) as error:
         raise DeepSpeedConfigError(run_config.deepspeed_error_message(error, ds_config)) from error
     return engine
+
+
+def enable_activation_checkpointing(model: transformers.PreTrainedModel) -> None:
+    """Checkpoint every decoder layer (transformers' own mechanism), before ``deepspeed.initialize``: the layer's
+    activations are recomputed in the backward. Reentrant, because transformers' non-reentrant default fails under
+    ZeRO-3 (:data:`ds_orthoadam.ds_internals.ACTIVATION_CHECKPOINTING_KWARGS`); the same at every stage. Under ZeRO-3
+    OrthoAdam the recomputation's gather is rotated to theta like any other."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=ds_internals.ACTIVATION_CHECKPOINTING_KWARGS)
 
 
 def make_train_stream(args: argparse.Namespace, tokenizer, micro_batch: int, rank: int, world_size: int):
@@ -338,6 +349,8 @@ class Trainer:
         self.partitioned = run_config.zero_stage(ds_config) == 3
         model = (build_partitioned_model(ds_config, **self.model_args) if self.partitioned
                  else build_model(**self.model_args))
+        if args.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.flops_per_token = flops_per_token(build_meta_model(**self.model_args), args.seq_len)
         self.engine = initialize_engine(model, ds_config, args.weight_decay_on)
         self.device = self.engine.device
@@ -405,7 +418,9 @@ class Trainer:
         self.telemetry.print(f"training {self.args.model} ({self.args.attention}, "
                              f"{self.identity['optimizer']}) on {self.world_size} rank(s): steps {self.step + 1}.."
                              f"{self.total_steps}, {self.tokens_per_step:,} tokens/step, "
-                             f"accumulation {self.gradient_accumulation}, output {self.output_dir}")
+                             f"accumulation {self.gradient_accumulation}"
+                             f"{', activation checkpointing' if self.args.activation_checkpointing else ''}, "
+                             f"output {self.output_dir}")
         frame = getattr(self.engine, "orthoadam_frame", None)
         if frame is not None:
             self.telemetry.print(frame.summary())

@@ -7,6 +7,10 @@ AdamW, no ds_orthoadam wrapping), so each check isolates one fact.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import deepspeed
 import pytest
@@ -28,8 +32,12 @@ def single_rank_process_group():
     init_single_rank_process_group()
 
 
-def _engine(stage: int, bf16: bool = False, accumulation: int = 1, **extra):
+def _engine(stage: int, bf16: bool = False, accumulation: int = 1, checkpointing: dict | None = None, **extra):
+    """A one-rank engine of plain DeepSpeed; ``checkpointing``: activation checkpointing's kwargs, enabled before
+    ``initialize`` (as the trainer does)."""
     model = tiny_model("llama")
+    if checkpointing is not None:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     config = _config(stage, bf16, accumulation, **extra)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
@@ -388,3 +396,56 @@ def test_memory_estimates_are_what_deepspeeds_documented_estimators_print(capsys
                if "offload_param=none" in line and "offload_optimizer=none" in line and "zero_init=1" in line)
     assert float(re.findall(r"([\d.]+)GB", row)[1]) == round(
         ds_internals.zero3_estimate(params, largest, gpus_per_node, nodes) / 2**30, 2)
+
+
+def test_zero3_save_checkpoint_gathers_nothing_and_writes_nothing_back(tmp_path):
+    """Fact 17: the trainer's save (engine.save_checkpoint) neither gathers a parameter nor writes one back into its
+    partition, so the partitions stay bit for bit what the step left; save_16bit_model (the consolidated 16-bit
+    state dict) does both: the observers see it, so they would see a save that did."""
+    engine = _engine(3, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0,
+                                           "stage3_gather_16bit_weights_on_model_save": True})
+    _train_step(engine)
+    params = list(engine.module.parameters())
+    partitions = [p.ds_tensor.clone() for p in params]
+    gathered, written = [], []
+    ds_internals.on_zero3_gather(params, gathered.append)
+    ds_internals.before_zero3_write_back(params, written.append)
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    assert gathered == [] and written == []
+    assert all(torch.equal(p.ds_tensor, saved) for p, saved in zip(params, partitions))
+    engine.save_16bit_model(str(tmp_path / "consolidated"))
+    assert {id(p) for p in gathered} == {id(p) for p in params} and {id(p) for p in written} == {id(p) for p in params}
+
+
+def _checkpointed_loss_and_grads(stage: int, kwargs: dict | None) -> tuple[float, list[torch.Tensor]]:
+    engine = _engine(stage, checkpointing=kwargs)
+    engine.module.train()
+    loss = loss_of(engine, micro_batch(0, 0, 0))
+    engine.backward(loss)
+    return loss.item(), [safe_get_full_grad(p).clone() for p in engine.module.parameters()]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_reentrant_activation_checkpointing_gives_the_gradients_of_a_run_without(stage):
+    """Fact 18, the working route: with ACTIVATION_CHECKPOINTING_KWARGS every stage computes the loss and gradients
+    of the run without checkpointing (fp32, one rank: the recomputation repeats the same arithmetic; rtol 1e-6
+    allows for another order of accumulating the gradients)."""
+    loss, grads = _checkpointed_loss_and_grads(stage, None)
+    checkpointed_loss, checkpointed = _checkpointed_loss_and_grads(stage, ds_internals.ACTIVATION_CHECKPOINTING_KWARGS)
+    assert checkpointed_loss == loss
+    for grad, expected in zip(checkpointed, grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_non_reentrant_activation_checkpointing_fails_under_zero3():
+    """Fact 18, the trap: transformers' default (non-reentrant) fails in the first backward of a process's first
+    ZeRO-3 engine, which is what the trainer runs (in a process that had built a ZeRO-3 engine before, a later one
+    got through: hence a fresh process)."""
+    code = ("from zero_harness import init_single_rank_process_group; init_single_rank_process_group(); "
+            "import test_ds_internals as t; t._checkpointed_loss_and_grads(3, {'use_reentrant': False})")
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests_dir.parent), str(tests_dir)])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "CheckpointError" in result.stderr and "different number of tensors" in result.stderr, result.stderr[-2000:]
