@@ -47,6 +47,8 @@ TRAIN_CASES = [
     # GatheredParameters, as an export does).
     "llama:3:fp32:OrthoAdam:save10", "gpt2:3:fp32:OrthoAdam:save10", "llama:3:fp32:OrthoAdam:overflow7",
     "llama:3:bf16:OrthoAdam", "llama:3:bf16:AdamW", "llama:3:fp16:OrthoAdam", "llama:3:fp16:AdamW",
+    # Activation checkpointing: each layer's recomputation gathers (and rotates to theta) again.
+    "llama:3:fp32:OrthoAdam:ckpt",
 ]
 RESUME_CASES = ["llama:1:fp32:OrthoAdam:resume10", "llama:3:fp32:OrthoAdam:resume10", "gpt2:3:fp32:OrthoAdam:resume10"]
 
@@ -81,7 +83,8 @@ def references() -> dict[str, dict]:
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["llama:1:fp32:OrthoAdam:save10", "gpt2:1:fp32:OrthoAdam:save10", "llama:0:fp32:OrthoAdam",
                                   "llama:2:fp32:OrthoAdam", "gpt2:2:fp32:OrthoAdam", "llama:1:fp32:OrthoAdam:overlap",
-                                  "llama:3:fp32:OrthoAdam:save10", "gpt2:3:fp32:OrthoAdam:save10"])
+                                  "llama:3:fp32:OrthoAdam:save10", "gpt2:3:fp32:OrthoAdam:save10",
+                                  "llama:3:fp32:OrthoAdam:ckpt"])
 def test_fp32_equals_single_process_orthoadam(runs, references, case):
     family = case.split(":")[0]
     reference, clipped = references[family]

@@ -5,8 +5,8 @@ Runs several cases in one launch (DeepSpeed start-up dominates on CPU). A case i
 through tests/fp16_on_cpu on PYTHONPATH), option ``save10`` (checkpoint at step 10, run on to 20), ``resume10``
 (load that checkpoint in this new process, run steps 10..19), ``overflow7`` (an inf loss on rank 0 at step 7:
 DeepSpeed must skip the step; with fp16 its dynamic loss scaler also halves the scale), ``overlap``
-(``zero_optimization.overlap_comm``) or ``accum32`` (bf16 with ``data_types.grad_accum_dtype`` fp32: DeepSpeed's
-BF16_Optimizer). Rank 0 writes ``<out>/<case>.pt`` with the final real weights and facts the test checks (skipped
+(``zero_optimization.overlap_comm``), ``ckpt`` (activation checkpointing as the trainer enables it) or ``accum32``
+(bf16 with ``data_types.grad_accum_dtype`` fp32: DeepSpeed's BF16_Optimizer). Rank 0 writes ``<out>/<case>.pt`` with the final real weights and facts the test checks (skipped
 steps, loss scale per step, memory, state around the skipped step, rotations applied per optimiser step).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from deepspeed.utils import safe_get_full_optimizer_state
 
 import ds_orthoadam
 from ds_orthoadam import ds_internals
+from ds_orthoadam.train import enable_activation_checkpointing
 from zero_harness import GRAD_ACCUM, STEPS, ds_config, loss_of, micro_batch, tiny_model
 
 
@@ -67,6 +68,10 @@ def run_case(case: str, out_dir: str, rank: int) -> None:
         config["zero_optimization"]["overlap_comm"] = True
     if option == "accum32":
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if option == "ckpt":  # the trainer's --activation-checkpointing: every layer recomputed (and re-gathered)
+        enable_activation_checkpointing(model)
+        model.train()
+        config["zero_optimization"]["stage3_max_reuse_distance"] = 0  # released after each use: re-gathered
     engine, _, _, _ = ds_orthoadam.initialize(model=model, model_parameters=model.parameters(), config=config)
     hooks = getattr(engine, "orthoadam_hooks", None)
     if hooks is not None:
