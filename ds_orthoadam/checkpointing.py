@@ -18,7 +18,7 @@ being written therefore never becomes latest; its directory (no marker) is remov
 stores client_state from rank 0 only), the data-stream position and RNG states, so that ``--resume auto`` continues
 with exactly the batch and random state an uninterrupted run would have had.
 
-Another number of ranks. A checkpoint whose ZeRO 1/2 optimizer state is partitioned over another number of ranks is
+Another number of ranks. A checkpoint whose ZeRO 1-3 optimizer state is partitioned over another number of ranks is
 converted to DeepSpeed's universal checkpoint (``checkpoints/universal/<tag>``, by rank 0, removed once every rank
 has loaded it) and loaded with ``"checkpoint": {"load_universal": true}``: every parameter's fp32 weights, moments
 and step are re-partitioned whole. OrthoAdam's state needs nothing more: its master weights and moments are
@@ -28,6 +28,7 @@ and loads as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -302,7 +303,8 @@ class CheckpointManager:
         if universal:
             load_dir = self._convert_to_universal(tag)
         try:
-            load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+            with ds_internals.zero3_universal_load_repaired(engine) if universal else contextlib.nullcontext():
+                load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         except (OSError, RuntimeError, KeyError, AttributeError, TypeError, ValueError, AssertionError) as error:
             # AttributeError & co.: DeepSpeed reading a checkpoint of another layout (e.g. another ZeRO stage)
             others = [other for other in self.complete_tags() if other != tag]

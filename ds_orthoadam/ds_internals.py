@@ -66,7 +66,12 @@ frame (or logging a resumed run twice):
 18. ZeRO-3 cannot run under torch's non-reentrant activation checkpointing (transformers' default): the recomputation
     inside the backward saves a different number of tensors than the forward did (DeepSpeed's gather/release hooks
     around each submodule) and torch raises ``CheckpointError``; the reentrant implementation works at every stage
-    (:data:`ACTIVATION_CHECKPOINTING_KWARGS`).
+    (:data:`ACTIVATION_CHECKPOINTING_KWARGS`);
+19. ZeRO-3's universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) sets the hyperparameters of
+    *every* param group to the saved first group's (the norm gains exempt from weight decay would be decayed), and
+    gives every group's optimizer state the *same* ``step`` tensor, which torch's Adam then increments in place once
+    per group and step (wrong bias correction from the first step on):
+    :func:`zero3_universal_load_repaired` (checked by ``tests/test_train_e2e.py::test_resume_on_another_number_of_ranks``).
 
 Public APIs used elsewhere (``engine.was_step_applied``, ``engine.is_gradient_accumulation_boundary``,
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, tensor hooks) are not wrapped here.
@@ -353,6 +358,23 @@ def load_universal(config: dict) -> dict:
     module's parameters are set from the fp32 master."""
     checkpoint = {**config.get("checkpoint", {}), "load_universal": True}
     return {**config, "checkpoint": checkpoint}
+
+
+@contextlib.contextmanager
+def zero3_universal_load_repaired(engine: "deepspeed.DeepSpeedEngine"):
+    """Around ``engine.load_checkpoint``: after a ZeRO-3 universal load (fact 19) each param group gets back its own
+    ``weight_decay`` and its own ``step`` tensor. The groups' other hyperparameters are alike (the learning rate is
+    the scheduler's), so the first group's are right for all. Elsewhere it does nothing."""
+    if not (engine.load_universal_checkpoint() and engine.zero_optimization_partition_weights()):
+        yield
+        return
+    kept = [group["weight_decay"] for group in engine.optimizer.param_groups]
+    yield
+    for group, weight_decay in zip(engine.optimizer.param_groups, kept):
+        group["weight_decay"] = weight_decay
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def load_sets_module_from_master(engine: "deepspeed.DeepSpeedEngine") -> bool:

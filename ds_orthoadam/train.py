@@ -204,15 +204,15 @@ def recorded_data_streams(checkpoints: CheckpointManager, world_size: int) -> in
 
 def resumes_on_other_ranks(checkpoints: CheckpointManager, tag: str | None, ds_config: dict, world_size: int) -> bool:
     """Whether checkpoint ``tag``'s optimizer state is partitioned over another number of ranks, so that it is loaded
-    as a DeepSpeed universal checkpoint (ZeRO 1/2); refuses the layouts that cannot be (ZeRO-3, bf16 at stage 0)."""
+    as a DeepSpeed universal checkpoint (ZeRO 1-3); refuses the layout that cannot be (bf16 at stage 0)."""
     saved = checkpoints.partition_count(tag) if tag is not None else 0
     if saved in (0, world_size):
         return False  # stage 0 in fp32 keeps the optimizer state whole: it loads on any number of ranks
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
+    if stage not in (1, 2, 3):
         raise ArgumentConflict(f"checkpoint {tag} was saved by {saved} ranks and ZeRO stage {stage} with partitioned "
                                f"optimizer state cannot resume on {world_size}: resume it on {saved} ranks (another "
-                               "number of ranks works at ZeRO 1/2 and at stage 0 in fp32)")
+                               "number of ranks works at ZeRO 1-3 and at stage 0 in fp32)")
     return True
 
 

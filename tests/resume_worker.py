@@ -1,6 +1,7 @@
 """The trainer (``ds_orthoadam.train``'s main) that also writes, right after it resumed, what each rank loaded: its
 optimizer state (ZeRO 1/2: its fp32 master partition, moments and step per group, padding removed; stage 0: the
-whole optimizer state) and the module's weights, to ``<dump dir>/rank<r>.pt``; then it trains on as usual.
+whole optimizer state; ZeRO-3, resumed on one rank: the flat groups, every parameter whole) and, below ZeRO-3, the
+module's weights, to ``<dump dir>/rank<r>.pt``; then it trains on as usual.
 
 Run by tests/test_train_e2e.py with ``deepspeed --num_gpus N tests/resume_worker.py --dump DIR <trainer arguments>``
 to compare a checkpoint resumed on another number of ranks with the state that was saved.
@@ -19,6 +20,13 @@ from ds_orthoadam import train
 def loaded_state(engine) -> dict:
     optimizer = engine.optimizer
     module = {name: tensor.detach().clone() for name, tensor in engine.module.state_dict().items()}
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 on one rank: every parameter whole, in order
+        groups = []
+        for flat, params in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_groups):
+            keep, state = sum(param.ds_numel for param in params), optimizer.optimizer.state[flat]
+            groups.append({"fp32": flat[:keep].clone(), "exp_avg": state["exp_avg"][:keep].clone(),
+                           "exp_avg_sq": state["exp_avg_sq"][:keep].clone(), "step": state["step"]})
+        return {"groups": groups}
     if not hasattr(optimizer, "single_partition_of_fp32_groups"):  # stage 0: the optimizer steps the module
         return {"state": optimizer.state_dict()["state"], "module": module}
     groups = []

@@ -25,6 +25,7 @@ from ds_orthoadam.distributed import free_port
 from ds_orthoadam.ds_logging import NOISE
 from ds_orthoadam.models import build_model
 from ds_orthoadam.telemetry import MFU_TAG, TRAIN_TAGS, VALIDATION_TAGS
+from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
 
 pytestmark = pytest.mark.e2e  # this module's runs go through the deepspeed launcher on 2 ranks (see pyproject.toml)
 
@@ -566,7 +567,6 @@ def test_fp16_skipped_steps_change_no_weight_moment_or_step_count(fp16_run):
     step; the loss-scale history in TensorBoard is the one the trainer logged. (These skips fall in the warm-up's
     learning rate 0, so the moments and step count are what they would have changed; a skip at a learning rate that
     moves weights is tests/test_zero_orthoadam.py's ``overflow7`` case.)"""
-    from ds_orthoadam.zero_orthoadam import export_fp32_state_dict
 
     run = json.loads((fp16_run / "run.json").read_text())
     torch.manual_seed(0)  # the trainer's --seed
@@ -816,12 +816,37 @@ def test_kill_9_chaos_resumes_bit_identically(corpus, tmp_path):
 
 def _saved_optimizer_state(tag_dir: Path) -> dict:
     """A checkpoint's optimizer state as :func:`resume_worker.loaded_state` dumps it, read from the files DeepSpeed
-    wrote (ZeRO 1/2: every rank's partition, padding removed, concatenated in rank order)."""
-    model = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    wrote (ZeRO 1/2: every rank's partition, padding removed, concatenated in rank order; ZeRO-3: every parameter
+    reassembled from its slices on every rank, :func:`_zero3_whole_groups`)."""
     files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda f: int(f.name.split("_")[3]))
+    if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+        return {"groups": _zero3_whole_groups(tag_dir, files)}
+    model = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
     if not files:
         return {"state": model["optimizer"]["state"], "module": model["module"]}
     return {"groups": _concatenated([_partition_groups(file) for file in files]), "module": model["module"]}
+
+
+def _zero3_whole_groups(tag_dir: Path, files: list[Path]) -> list[dict]:
+    """Per group, the parameters' whole fp32 master and moments one after the other (the layout of one rank): ZeRO-3
+    gives each of N ranks ceil(numel / N) elements of every parameter, in the group's order (``param_shapes``)."""
+    shapes = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["param_shapes"]
+    ranks = [torch.load(file, weights_only=False)["optimizer_state_dict"] for file in files]
+    groups = []
+    for group, group_shapes in enumerate(shapes):
+        flats = {"fp32": [rank["fp32_flat_groups"][group] for rank in ranks]}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flats[key] = [rank["optimizer_state_dict"]["state"][group][key] for rank in ranks]
+        whole, offset = {key: [] for key in flats}, 0
+        for shape in group_shapes.values():
+            numel = shape.numel()
+            part = -(-numel // len(ranks))
+            for key, per_rank in flats.items():
+                whole[key].append(torch.cat([flat[offset:offset + part] for flat in per_rank])[:numel])
+            offset += part
+        groups.append({key: torch.cat(parts) for key, parts in whole.items()}
+                      | {"step": ranks[0]["optimizer_state_dict"]["state"][group]["step"]})
+    return groups
 
 
 def _partition_groups(file: Path) -> list[dict]:
@@ -848,7 +873,8 @@ def _loaded_optimizer_state(dump_dir: Path) -> dict:
     ranks = [torch.load(file, weights_only=False) for file in sorted(dump_dir.glob("rank*.pt"))]
     if "state" in ranks[0]:
         return ranks[0]
-    return {"groups": _concatenated([rank["groups"] for rank in ranks]), "module": ranks[0]["module"]}
+    module = {"module": ranks[0]["module"]} if "module" in ranks[0] else {}  # ZeRO-3: partitioned, not dumped
+    return {"groups": _concatenated([rank["groups"] for rank in ranks]), **module}
 
 
 def _assert_same_state(loaded, saved, path="state") -> None:
@@ -867,7 +893,8 @@ def _assert_same_state(loaded, saved, path="state") -> None:
 
 
 @pytest.mark.parametrize("optimizer, stage, saved_on, resumed_on", [("orthoadam", 1, 2, 1), ("orthoadam", 2, 1, 2),
-                                                                    ("adamw", 2, 2, 1), ("adamw", 0, 1, 2)])
+                                                                    ("adamw", 2, 2, 1), ("adamw", 0, 1, 2),
+                                                                    ("orthoadam", 3, 2, 1)])
 def test_resume_on_another_number_of_ranks(corpus, tmp_path, optimizer, stage, saved_on, resumed_on):
     """A checkpoint saved by ``saved_on`` ranks resumes on ``resumed_on`` (--resume; ZeRO 1/2 through DeepSpeed's
     universal checkpoint, stage 0 as it is). Right after the load, the optimizer state -- fp32 master (OrthoAdam's
@@ -878,7 +905,8 @@ def test_resume_on_another_number_of_ranks(corpus, tmp_path, optimizer, stage, s
     a batch repeated or skipped moves the loss by ~1e-2)."""
     common = ("--optimizer", optimizer, "--set", f"zero_optimization.stage={stage}", "--train-steps", "4",
               "--checkpoint-every", "2", "--keep-checkpoints", "3", "--log-every", "1", "--eval-every", "0",
-              "--outlier-every", "0", "--no-export", "--set", "scheduler.params.total_num_steps=4")
+              "--outlier-every", "0", "--no-export", "--set", "scheduler.params.total_num_steps=4",
+              "--set", "optimizer.params.weight_decay=0.1")  # decayed and exempt groups differ
     kept = tmp_path / "kept"
     returncode, output = launch(corpus, kept, *common, ranks=saved_on)
     assert returncode == 0, output[-4000:]
@@ -896,7 +924,6 @@ def test_resume_on_another_number_of_ranks(corpus, tmp_path, optimizer, stage, s
     reference, continued = metric_rows(kept, "Train/loss"), metric_rows(resumed, "Train/loss")
     assert [step for step, _ in continued] == [1, 2, 3, 4] and reference[:2] == continued[:2]
     assert [loss for _, loss in continued[2:]] == pytest.approx([loss for _, loss in reference[2:]], rel=1e-5)
-    final = [torch.load(run / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"] for run in (kept, resumed)]
+    final = [export_fp32_state_dict(str(run / "checkpoints"), "global_step4") for run in (kept, resumed)]  # theta
     for name, weight in final[0].items():
-        assert torch.allclose(final[1][name], weight, rtol=1e-5, atol=1e-5 * weight.abs().max()), name
+        assert torch.allclose(final[1][name], weight, rtol=1e-5, atol=1e-5 * float(weight.abs().max())), name
